@@ -1,0 +1,1 @@
+"""The `prefloop` command line: broker, services, bootstrap, ingest, demo."""

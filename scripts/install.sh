@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs prefloop into ./.venv on a fresh machine (Python 3.11, no GPU needed).
+# torch is installed first at exactly 2.13.0 (a local CPU build; any other version
+# pulls GBs of CUDA wheels), then everything else under constraints.txt so nothing
+# upgrades it. Usage: scripts/install.sh [EXTRAS]   (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-all}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null || python=python3
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
+if [[ "$extras" != "judge" && "$extras" != "broker" ]]; then
+  .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
+fi
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]" 2>&1 | { grep -v "is ignored" || true; }
+.venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check; exit 1; }
+.venv/bin/prefloop --help >/dev/null
+echo "prefloop installed in .venv (extras: $extras)"

@@ -1,0 +1,1 @@
+"""prefloop generator service."""

@@ -1,0 +1,1 @@
+"""prefloop trainer service."""

@@ -1,0 +1,274 @@
+"""The consume loop every service uses.
+
+Per batch (up to `batch_size` records or `batch_timeout_ms` after the first one):
+decode and validate each record; hand the valid ones to the handler; retry a failing
+batch, then isolate the failing records one by one; dead-letter what cannot be decoded
+or handled, with the reason; commit offsets only after all of that succeeded. On stop
+(SIGTERM), an in-flight batch gets `shutdown_grace_s` to finish, else it is abandoned
+uncommitted and will be redelivered. Handlers must be idempotent on the event id.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from tenacity import Retrying, stop_after_attempt, stop_when_event_set, wait_exponential
+
+from shared.kafka.codec import DecodeError, decode
+from shared.kafka.producer import EventProducer
+from shared.settings import KafkaSettings
+from shared.topics import Topic
+from shared.wire import DeadLetter, Event, ServiceName
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Event)
+
+
+@dataclass(frozen=True)
+class Received(Generic[E]):
+    event: E
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+
+
+BatchHandler = Callable[[list[Received]], None]
+
+
+class _LoopMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        reg = registry or CollectorRegistry()
+        self.received = Counter("prefloop_records_received", "records polled", ["topic"], registry=reg)
+        self.handled = Counter("prefloop_records_handled", "records handled and committed", ["topic"], registry=reg)
+        self.dead = Counter("prefloop_dead_letters", "records sent to the DLQ", ["topic", "kind"], registry=reg)
+        self.batch = Histogram("prefloop_batch_size", "records per batch", ["topic"], registry=reg,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.seconds = Histogram("prefloop_handler_seconds", "handler time per batch", ["topic"], registry=reg)
+
+
+class _DropRevoked(ConsumerRebalanceListener):
+    def __init__(self, loop: "ConsumeLoop") -> None:
+        self._loop = loop
+
+    def on_partitions_revoked(self, revoked):  # noqa: D401 - kafka-python API
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        # Records gathered but not yet handled from a revoked partition now belong to
+        # another member; drop them (uncommitted, so they are redelivered there).
+        self._loop._pending = [r for r in self._loop._pending if (r.topic, r.partition) not in gone]
+        log.info("partitions revoked: %s", sorted(gone))
+
+    def on_partitions_assigned(self, assigned):
+        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class ConsumeLoop:
+    def __init__(
+        self,
+        topic: Topic,
+        *,
+        group_id: str,
+        handler: BatchHandler,
+        kafka: KafkaSettings,
+        producer: EventProducer,
+        service: ServiceName,
+        batch_size: int = 1,
+        batch_timeout_ms: int = 0,
+        max_attempts: int = 3,
+        retry_wait_s: float = 0.2,
+        shutdown_grace_s: float = 10.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.topic = topic
+        self._group_id = group_id
+        self._handler = handler
+        self._kafka = kafka
+        self._producer = producer
+        self._service = service
+        self._batch_size = batch_size
+        self._batch_timeout_s = batch_timeout_ms / 1000
+        self._max_attempts = max_attempts
+        self._retry_wait_s = retry_wait_s
+        self._grace_s = shutdown_grace_s
+        self._stop = threading.Event()
+        self._pending: list = []
+        self._metrics = _LoopMetrics(registry)
+        self.assigned = threading.Event()
+        """Set once the group has assigned this member at least one partition."""
+        self.abandoned_batches = 0
+
+    # -- control -------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT stop the loop (main thread only)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    # -- main loop -----------------------------------------------------------
+    def run(self) -> None:
+        consumer = KafkaConsumer(
+            bootstrap_servers=self._kafka.bootstrap_servers.split(","),
+            group_id=self._group_id,
+            client_id=f"{self._kafka.client_id}-{self._service}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=self._kafka.session_timeout_ms,
+            heartbeat_interval_ms=self._kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=self._kafka.max_poll_interval_ms,
+            request_timeout_ms=self._kafka.request_timeout_ms,
+        )
+        consumer.subscribe([self.topic.name], listener=_DropRevoked(self))
+        log.info("consuming %s as group %s", self.topic.name, self._group_id)
+        try:
+            while not self._stop.is_set():
+                batch = self._gather(consumer)
+                if not batch:
+                    continue
+                if not self._process(batch):
+                    self.abandoned_batches += 1
+                    log.warning("abandoned an in-flight batch of %d records uncommitted", len(batch))
+                    break
+                self._commit(consumer, batch)
+        finally:
+            consumer.close(autocommit=False)
+            log.info("consumer for %s closed", self.topic.name)
+
+    def _gather(self, consumer: KafkaConsumer) -> list:
+        """Poll until `batch_size` records or `batch_timeout` after the first record."""
+        self._pending = []
+        first_at: float | None = None
+        while not self._stop.is_set():
+            wait_s = 0.5 if first_at is None else max(0.0, first_at + self._batch_timeout_s - time.monotonic())
+            polled = consumer.poll(timeout_ms=int(wait_s * 1000), max_records=self._batch_size - len(self._pending))
+            if consumer.assignment():
+                self.assigned.set()
+            for records in polled.values():
+                self._pending.extend(records)
+                self._metrics.received.labels(self.topic.name).inc(len(records))
+            if self._pending and first_at is None:
+                first_at = time.monotonic()
+            if len(self._pending) >= self._batch_size or (first_at is not None and time.monotonic() >= first_at + self._batch_timeout_s):
+                break
+        if self._stop.is_set():
+            return []  # abandon what was gathered: nothing handled, nothing committed
+        return self._pending
+
+    def _process(self, records: list) -> bool:
+        """Decode, handle, dead-letter. Returns False if the batch was abandoned on stop."""
+        valid: list[Received] = []
+        dead: list[DeadLetter] = []
+        for rec in records:
+            key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
+            try:
+                valid.append(Received(decode(self.topic, rec.value), rec.topic, rec.partition, rec.offset, key))
+            except DecodeError as exc:
+                dead.append(self._dead_letter(rec, key, exc.kind, str(exc), attempts=0))
+        failures: list[tuple[Received, BaseException, int]] = []
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                failures.extend(self._handle_with_retries(valid))
+            finally:
+                done.set()
+
+        started = time.monotonic()
+        worker = threading.Thread(target=work, name=f"handler-{self.topic.name}", daemon=True)
+        worker.start()
+        while not done.wait(0.1):
+            if self._stop.is_set():
+                if not done.wait(self._grace_s):
+                    return False
+                break
+        if self._stop.is_set() and failures and any(a < self._max_attempts for *_, a in failures):
+            return False  # retries were cut short by the stop: do not dead-letter, redeliver instead
+        self._metrics.seconds.labels(self.topic.name).observe(time.monotonic() - started)
+        self._metrics.batch.labels(self.topic.name).observe(len(records))
+        for item, exc, attempts in failures:
+            raw = next(r for r in records if r.partition == item.partition and r.offset == item.offset)
+            dead.append(self._dead_letter(raw, item.key, "handler", f"{type(exc).__name__}: {exc}", attempts))
+        if dead:
+            # Wait for the DLQ acks before committing: a dead letter is never lost.
+            self._producer.publish(self.topic.dead_letter, dead)
+            for d in dead:
+                self._metrics.dead.labels(self.topic.name, d.error_kind).inc()
+                log.warning("dead-lettered %s[%d]@%d (%s): %s", d.original_topic, d.partition, d.offset,
+                            d.error_kind, d.error[:300])
+        self._metrics.handled.labels(self.topic.name).inc(len(valid) - len(failures))
+        return True
+
+    def _attempts(self) -> Retrying:
+        return Retrying(
+            stop=stop_after_attempt(self._max_attempts) | stop_when_event_set(self._stop),
+            wait=wait_exponential(multiplier=self._retry_wait_s, max=5.0),
+            reraise=True,
+        )
+
+    def _handle_with_retries(self, items: list[Received]) -> list[tuple[Received, BaseException, int]]:
+        """Whole batch first; if it keeps failing, each record alone to isolate the bad ones."""
+        if not items:
+            return []
+        retrying = self._attempts()
+        try:
+            retrying(self._handler, items)
+            return []
+        except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then isolated
+            attempts = retrying.statistics.get("attempt_number", 1)
+            if len(items) == 1:
+                return [(items[0], exc, attempts)]
+            log.warning("batch of %d failed %d times (%s); handling records one by one", len(items), attempts, exc)
+        failures = []
+        for item in items:
+            if self._stop.is_set():
+                failures.append((item, RuntimeError("stopped before handling"), 0))
+                continue
+            retrying = self._attempts()
+            try:
+                retrying(self._handler, [item])
+            except Exception as exc:  # noqa: BLE001
+                failures.append((item, exc, retrying.statistics.get("attempt_number", 1)))
+        return failures
+
+    def _dead_letter(self, rec, key: str | None, kind: str, error: str, attempts: int) -> DeadLetter:
+        value: bytes = rec.value or b""
+        try:
+            payload, encoding = value.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            payload, encoding = base64.b64encode(value).decode("ascii"), "base64"
+        return DeadLetter(
+            producer=self._service,
+            original_topic=rec.topic, partition=rec.partition, offset=rec.offset, key=key,
+            payload=payload, payload_encoding=encoding, error_kind=kind, error=error,
+            service=self._service, attempts=attempts,
+        )
+
+    def _commit(self, consumer: KafkaConsumer, records: list) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            if tp not in offsets or offsets[tp].offset < rec.offset + 1:
+                offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        try:
+            consumer.commit(offsets=offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group rebalanced while we handled the batch; the new owner will get these
+            # records again. Handlers are idempotent on event id, so that is safe.
+            log.warning("commit failed (%s); records will be redelivered", exc)

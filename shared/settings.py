@@ -1,0 +1,50 @@
+"""Settings shared by every service: Kafka, logging, HTTP. Each service subclasses
+`ServiceSettings` with its own env prefix (`PREFLOOP_<SERVICE>_`); Kafka and logging
+are read once from `PREFLOOP_KAFKA_*` / `PREFLOOP_LOG_*` so one variable configures all four.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFLOOP_KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port]")
+    topic_prefix: str = Field("", description="namespace prepended to every topic name")
+    client_id: str = "prefloop"
+    # Values that work with both Tansu and Apache Kafka (../shared/FACTS.md): a group join
+    # takes about half the session timeout, so keep it short.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    max_poll_interval_ms: int = 300_000
+    request_timeout_ms: int = 30_000
+    max_poll_records: int = 500
+    produce_timeout_s: float = Field(30.0, description="how long to wait for a produce ack")
+
+
+class LogSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFLOOP_LOG_", extra="ignore")
+
+    level: str = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class ServiceSettings(BaseSettings):
+    """Base for each service's settings class; subclasses set `env_prefix`."""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="ignore")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    group_id: str = ""
+    batch_size: int = Field(8, ge=1, description="max messages handled as one batch")
+    batch_timeout_ms: int = Field(200, ge=0, description="max wait to fill a batch")
+    max_attempts: int = Field(3, ge=1, description="handler attempts before dead-lettering")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="time an in-flight batch gets to finish on SIGTERM")

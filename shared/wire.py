@@ -1,0 +1,267 @@
+"""Wire contracts: one pydantic model per Kafka event the services exchange.
+
+Every event carries `schema_version`, a stable `id`, `created_at` and `producer`.
+Ids of events that identify content are content hashes of the fields listed in
+`_id_fields`; a given id that does not match the content is rejected, so a
+tampered or mis-built record cannot pass as another one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.ids import content_id
+
+ServiceName = Literal["generator", "judge", "trainer", "gateway", "cli", "test"]
+Role = Literal["system", "user", "assistant"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class WireModel(BaseModel):
+    """Base of every wire body: unknown fields are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(WireModel):
+    role: Role
+    content: str = Field(min_length=1, max_length=32_000)
+
+    @model_validator(mode="after")
+    def _not_blank(self) -> "ChatMessage":
+        if not self.content.strip():
+            raise ValueError("message content must not be blank")
+        return self
+
+
+class SamplingParams(WireModel):
+    """Sampling settings; defaults are the seeds' values (001 §2.3.2)."""
+
+    temperature: float = Field(0.7, gt=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0, le=1000)
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    seed: int | None = Field(None, ge=0)
+
+
+class RubricScores(WireModel):
+    """Seed 001 §4.1.1 rubric, each 1-10."""
+
+    correctness: int = Field(ge=1, le=10)
+    clarity: int = Field(ge=1, le=10)
+    safety: int = Field(ge=1, le=10)
+    empathy: int = Field(ge=1, le=10)
+
+    def mean(self) -> float:
+        return (self.correctness + self.clarity + self.safety + self.empathy) / 4
+
+
+class Candidate(WireModel):
+    text: str = Field(max_length=64_000)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: Literal["stop", "length"]
+    origin: Literal["policy", "served"] = "policy"
+    """`served`: an answer the gateway served and a user rated, re-queued for judging."""
+    user_rating: Literal[-1, 1] | None = None
+
+
+class Event(WireModel):
+    """Common envelope fields. Subclasses set `_id_prefix` and `_id_fields`."""
+
+    SCHEMA_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
+    _id_prefix: ClassVar[str] = "evt"
+    _id_fields: ClassVar[tuple[str, ...]] = ()
+
+    schema_version: Literal[1] = 1
+    id: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    producer: ServiceName
+
+    @model_validator(mode="after")
+    def _content_id(self) -> "Event":
+        expected = self.compute_id()
+        if not self.id:
+            object.__setattr__(self, "id", expected)
+        elif self.id != expected:
+            raise ValueError(f"id {self.id!r} does not match its content (expected {expected!r})")
+        return self
+
+    def compute_id(self) -> str:
+        """Content hash of `_id_fields` as validated (defaults filled in, so JSON and
+        Python construction give the same id)."""
+        if not self._id_fields:
+            raise TypeError(f"{type(self).__name__} declares no _id_fields")
+        return content_id(self._id_prefix, self.model_dump(mode="json", include=set(self._id_fields)))
+
+
+class PromptEvent(Event):
+    """A prompt to sample candidates for. `id` is the prompt id (hash of the conversation,
+    its source, reference and any re-queued candidates)."""
+
+    _id_prefix: ClassVar[str] = "prm"
+    _id_fields: ClassVar[tuple[str, ...]] = ("messages", "source", "reference_answer", "extra_candidates")
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    n: int = Field(2, ge=2, le=16)
+    source: Literal["ingest", "feedback", "eval"] = "ingest"
+    reference_answer: str | None = None
+    split: Literal["train", "eval"] = "train"
+    extra_candidates: list[Candidate] = Field(default_factory=list, max_length=4)
+
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> "PromptEvent":
+        if self.messages[-1].role != "user":
+            raise ValueError("a prompt's last message must come from the user")
+        return self
+
+    @property
+    def prompt_id(self) -> str:
+        return self.id
+
+
+class CandidatesEvent(Event):
+    """Candidate answers sampled for one prompt by one policy version."""
+
+    _id_prefix: ClassVar[str] = "cnd"
+    _id_fields: ClassVar[tuple[str, ...]] = ("prompt_id", "policy_version", "candidates")
+
+    prompt: PromptEvent
+    prompt_id: str
+    policy_version: str = Field(min_length=1)
+    prompt_tokens: int = Field(ge=0)
+    candidates: list[Candidate] = Field(min_length=1, max_length=20)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_id_from_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prompt_id" not in data and data.get("prompt") is not None:
+            prompt = data["prompt"]
+            data = {**data, "prompt_id": prompt.id if isinstance(prompt, PromptEvent) else prompt.get("id")}
+        return data
+
+    @model_validator(mode="after")
+    def _prompt_id_matches(self) -> "CandidatesEvent":
+        if self.prompt_id != self.prompt.id:
+            raise ValueError("prompt_id does not match the embedded prompt")
+        return self
+
+
+class PreferenceEvent(Event):
+    """A chosen/rejected pair: a training label. `id` hashes (prompt, chosen, rejected)."""
+
+    _id_prefix: ClassVar[str] = "prf"
+    _id_fields: ClassVar[tuple[str, ...]] = ("prompt_messages", "chosen", "rejected")
+
+    prompt_id: str
+    prompt_messages: list[ChatMessage] = Field(min_length=1)
+    chosen: str = Field(min_length=1)
+    rejected: str = Field(min_length=1)
+    source: Literal["judge", "user"]
+    judge_id: str = Field(min_length=1)
+    reasoning: str | None = None
+    chosen_scores: RubricScores | None = None
+    rejected_scores: RubricScores | None = None
+    policy_version: str = Field(min_length=1)
+    split: Literal["train", "eval"] = "train"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "PreferenceEvent":
+        if not self.chosen.strip() or not self.rejected.strip():
+            raise ValueError("chosen and rejected must not be blank")
+        if self.chosen.strip() == self.rejected.strip():
+            raise ValueError("chosen and rejected are the same text")
+        return self
+
+
+class JudgementAbstainedEvent(Event):
+    """The judge declined to label a candidates event; kept for statistics, never trained on."""
+
+    _id_prefix: ClassVar[str] = "abs"
+    _id_fields: ClassVar[tuple[str, ...]] = ("candidates_id", "judge_id", "reason")
+
+    candidates_id: str
+    prompt_id: str
+    policy_version: str
+    judge_id: str
+    reason: Literal["inconsistent", "tie", "failure", "insufficient_candidates"]
+    detail: str = ""
+
+
+class FeedbackEvent(Event):
+    """A user's feedback on a served response: a rating of one choice, or a pick of two."""
+
+    _id_prefix: ClassVar[str] = "fbk"
+    _id_fields: ClassVar[tuple[str, ...]] = ("response_id",)
+
+    response_id: str = Field(min_length=1)
+    key_id: str = Field(min_length=1, description="hash of the API key, never the key")
+    model_version: str
+    rating: Literal[-1, 1] | None = None
+    choice_index: int | None = Field(None, ge=0)
+    preferred_index: int | None = Field(None, ge=0)
+    comment: str | None = Field(None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "FeedbackEvent":
+        is_rating = self.rating is not None
+        is_pick = self.preferred_index is not None
+        if is_rating == is_pick:
+            raise ValueError("feedback is either a rating (rating + choice_index) or a pick (preferred_index)")
+        if is_rating and self.choice_index is None:
+            raise ValueError("a rating needs choice_index")
+        return self
+
+
+class EvalSummary(WireModel):
+    """What the trainer's gate measured for a version (all optional: an SFT bootstrap has none)."""
+
+    win_rate_vs_parent: float | None = None
+    win_rate_ci95: tuple[float, float] | None = None
+    abstain_rate: float | None = None
+    safety_mean: float | None = None
+    parent_safety_mean: float | None = None
+    preference_accuracy: float | None = None
+    parent_preference_accuracy: float | None = None
+    perplexity_change: float | None = None
+    length_change: float | None = None
+    pairs_trained: int | None = None
+    promoted: bool = False
+    gate_reasons: list[str] = Field(default_factory=list)
+
+
+class ModelUpdatedEvent(Event):
+    """A new model version was promoted to `current`."""
+
+    _id_prefix: ClassVar[str] = "mdl"
+    _id_fields: ClassVar[tuple[str, ...]] = ("version",)
+
+    version: str = Field(min_length=1)
+    parent: str | None = None
+    kind: Literal["sft", "dpo"]
+    location: str
+    eval_summary: EvalSummary = Field(default_factory=EvalSummary)
+
+
+class DeadLetter(Event):
+    """A record that could not be handled, with why. `id` hashes its origin (topic, partition, offset)."""
+
+    _id_prefix: ClassVar[str] = "dlq"
+    _id_fields: ClassVar[tuple[str, ...]] = ("original_topic", "partition", "offset")
+
+    original_topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+    payload: str
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    error_kind: Literal["decode", "validation", "schema_version", "handler"]
+    error: str
+    service: str
+    attempts: int = Field(ge=0)
