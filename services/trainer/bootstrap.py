@@ -1,0 +1,134 @@
+"""`prefloop bootstrap`: the first model version, with no download.
+
+Offline default: train a byte-level BPE tokenizer on the shipped text, give it a ChatML
+template whose assistant turns are marked with {% generation %} (for assistant-only loss),
+build a small Llama from config, run full-weight SFT on the shipped conversations, and
+register the result as an `sft` version. Deterministic for a given seed.
+
+`--base PATH_OR_NAME`: LoRA SFT (seed 003 defaults) on a real Hugging Face model instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, set_seed)
+
+from services.trainer.sft import SFTJobConfig, run_sft
+from shared.registry import ModelRegistry, VersionMeta
+
+log = logging.getLogger(__name__)
+DATA = Path(__file__).resolve().parent / "data" / "sft_conversations.jsonl"
+SPECIAL = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyModelSpec:
+    vocab_size: int = 2048
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 512
+    sft_steps: int = 120
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 3e-3
+    seed: int = 7
+
+
+def load_conversations(path: Path = DATA) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    raw = Tokenizer(models.BPE(unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|pad|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    tok.model_max_length = 512
+    return tok
+
+
+def build_tiny_model(tok: PreTrainedTokenizerFast, spec: TinyModelSpec) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def bootstrap_tiny(registry: ModelRegistry, spec: TinyModelSpec | None = None) -> VersionMeta:
+    spec = spec or TinyModelSpec()
+    set_seed(spec.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    started = time.monotonic()
+    conversations = load_conversations()
+    texts = [m["content"] for c in conversations for m in c["messages"]]
+    tok = build_tokenizer(texts, spec.vocab_size)
+    model = build_tiny_model(tok, spec)
+    config = SFTJobConfig(learning_rate=spec.sft_learning_rate, max_steps=spec.sft_steps,
+                          per_device_train_batch_size=spec.sft_batch_size, gradient_accumulation_steps=1,
+                          warmup_ratio=0.05, weight_decay=0.0, max_length=spec.max_position_embeddings,
+                          seed=spec.seed, logging_steps=10, lora=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_sft(model, tok, conversations, config, Path(tmp))
+    result.model.generation_config.eos_token_id = tok.eos_token_id
+    meta = registry.save(result.model, tok, kind="sft", base_model="prefloop-tiny-llama",
+                         training_config={"spec": spec.__dict__, "sft": result.config},
+                         snapshot_id=f"shipped:{DATA.name}",
+                         metrics={"sft_losses": result.losses, "sft_steps": result.steps,
+                                  "params": sum(p.numel() for p in result.model.parameters()),
+                                  "seconds": round(time.monotonic() - started, 1)})
+    registry.promote(meta.version)
+    log.info("bootstrapped %s in %.1fs (loss %.3f -> %.3f)", meta.version, time.monotonic() - started,
+             result.losses[0], result.losses[-1])
+    return meta
+
+
+def bootstrap_from_base(registry: ModelRegistry, base: str, config: SFTJobConfig | None = None) -> VersionMeta:
+    """LoRA SFT on a real HF model (local path, or the hub when reachable), merged and registered."""
+    config = config or SFTJobConfig()
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    cuda = torch.cuda.is_available()
+    dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_sft(model, tok, load_conversations(), config, Path(tmp))
+    meta = registry.save(result.model, tok, kind="sft", base_model=base, training_config={"sft": result.config},
+                         snapshot_id=f"shipped:{DATA.name}",
+                         metrics={"sft_losses": result.losses, "sft_steps": result.steps})
+    registry.promote(meta.version)
+    return meta

@@ -1,0 +1,201 @@
+"""Model registry: versioned directories `<root>/<version>/` holding a safetensors
+save_pretrained model, its tokenizer and `metadata.json`, plus an atomic `current` pointer.
+
+A version becomes visible only when complete: it is written to a hidden temp directory,
+fsynced, and renamed into place in one step. Loading refuses anything that is not a
+complete, checksum-verified registry version (no pickle files, no arbitrary paths).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+VERSION_RE = re.compile(r"^v\d{4,}$")
+FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class RegistryError(Exception):
+    pass
+
+
+class VersionMeta(BaseModel):
+    version: str
+    parent: str | None = None
+    kind: Literal["sft", "dpo"]
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    base_model: str | None = None
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    snapshot_id: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    checksums: dict[str, str] = Field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class ModelRegistry:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- writing -------------------------------------------------------------
+    def save(self, model, tokenizer, *, kind: Literal["sft", "dpo"], parent: str | None = None,
+             base_model: str | None = None, training_config: dict | None = None, snapshot_id: str | None = None,
+             metrics: dict | None = None) -> VersionMeta:
+        """Write a complete version and make it visible atomically. Returns its metadata."""
+        staging = self.root / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        self._refuse_pickles(staging)
+        checksums = {p.name: _sha256(p) for p in sorted(staging.glob("*.safetensors"))}
+        if not checksums:
+            raise RegistryError("save_pretrained wrote no safetensors file")
+        for _ in range(100):
+            version = self._next_version()
+            meta = VersionMeta(version=version, parent=parent, kind=kind, base_model=base_model,
+                               training_config=training_config or {}, snapshot_id=snapshot_id,
+                               metrics=metrics or {}, checksums=checksums)
+            (staging / "metadata.json").write_text(meta.model_dump_json(indent=2))
+            _fsync_tree(staging)
+            try:
+                os.rename(staging, self.root / version)  # atomic; fails if another writer took the name
+            except OSError:
+                continue
+            _fsync_dir(self.root)
+            return meta
+        raise RegistryError("could not allocate a version name")
+
+    def _next_version(self) -> str:
+        numbers = [int(p.name[1:]) for p in self.root.iterdir() if VERSION_RE.match(p.name)]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    # -- reading -------------------------------------------------------------
+    def list(self) -> list[VersionMeta]:
+        out = []
+        for path in sorted(self.root.iterdir()):
+            if VERSION_RE.match(path.name) and (path / "metadata.json").is_file():
+                out.append(VersionMeta.model_validate_json((path / "metadata.json").read_text()))
+        return out
+
+    def get(self, version: str) -> VersionMeta:
+        path = self._version_dir(version)
+        meta_file = path / "metadata.json"
+        if not meta_file.is_file():
+            raise RegistryError(f"{version} is not a complete registry version (no metadata.json)")
+        return VersionMeta.model_validate_json(meta_file.read_text())
+
+    def _version_dir(self, version: str) -> Path:
+        if not VERSION_RE.match(version or ""):
+            raise RegistryError(f"{version!r} is not a registry version name (expected v0001 style)")
+        path = self.root / version
+        if not path.is_dir():
+            raise RegistryError(f"version {version} does not exist in {self.root}")
+        return path
+
+    def verified_path(self, version: str) -> Path:
+        """The directory of a complete version whose weights match their checksums."""
+        meta = self.get(version)
+        path = self._version_dir(version)
+        self._refuse_pickles(path)
+        for name, digest in meta.checksums.items():
+            file = path / name
+            if not file.is_file() or _sha256(file) != digest:
+                raise RegistryError(f"{version}: {name} is missing or does not match its checksum")
+        return path
+
+    @staticmethod
+    def _refuse_pickles(path: Path) -> None:
+        bad = [p.name for p in path.iterdir() if p.suffix in FORBIDDEN_SUFFIXES]
+        if bad:
+            raise RegistryError(f"refusing pickle-format files in {path.name}: {bad}")
+
+    # -- current pointer -----------------------------------------------------
+    @property
+    def _current_file(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def _history_file(self) -> Path:
+        return self.root / "promotions.jsonl"
+
+    def current(self) -> str | None:
+        if not self._current_file.is_file():
+            return None
+        return self._current_file.read_text().strip() or None
+
+    def promote(self, version: str) -> None:
+        self.verified_path(version)
+        self._set_current(version, "promote")
+
+    def _set_current(self, version: str, action: str) -> None:
+        _write_atomic(self._current_file, version + "\n")
+        with open(self._history_file, "a") as f:
+            f.write(json.dumps({"action": action, "version": version,
+                                "at": datetime.now(timezone.utc).isoformat()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def promotion_stack(self) -> list[str]:
+        """Promoted versions, oldest first, with rolled-back ones popped off."""
+        stack: list[str] = []
+        if self._history_file.is_file():
+            for line in self._history_file.read_text().splitlines():
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                if entry["action"] == "promote":
+                    stack.append(entry["version"])
+                elif stack:
+                    stack.pop()
+        return stack
+
+    def rollback(self) -> str:
+        """Point `current` back at the version promoted before it. Returns that version."""
+        stack = self.promotion_stack()
+        if len(stack) < 2:
+            raise RegistryError("nothing to roll back to")
+        target = stack[-2]
+        self.verified_path(target)
+        self._set_current(target, "rollback")
+        return target
