@@ -63,6 +63,43 @@ def topics() -> None:
     console.print(table)
 
 
+REGISTRY_OPTION = typer.Option(Path("var/registry"), "--registry", envvar="PREFLOOP_REGISTRY_DIR",
+                               help="model registry root")
+
+
+@app.command()
+def bootstrap(
+    registry: Path = REGISTRY_OPTION,
+    base: Optional[str] = typer.Option(None, help="real HF model (path or hub name): LoRA SFT on it instead"),
+    seed: int = typer.Option(7, help="seed for the offline tiny model"),
+    steps: int = typer.Option(120, min=1, help="SFT steps for the offline tiny model"),
+) -> None:
+    """Build and register the first model version (offline tiny Llama, or SFT on --base)."""
+    from services.trainer.bootstrap import TinyModelSpec, bootstrap_from_base, bootstrap_tiny
+    from shared.registry import ModelRegistry
+
+    configure_logging(LogSettings(), "bootstrap")
+    reg = ModelRegistry(registry)
+    meta = bootstrap_from_base(reg, base) if base else bootstrap_tiny(reg, TinyModelSpec(seed=seed, sft_steps=steps))
+    losses = meta.metrics["sft_losses"]
+    console.print(f"registered {meta.version} ({meta.kind}) in {reg.root}: SFT loss {losses[0]:.3f} -> "
+                  f"{losses[-1]:.3f}; current = {reg.current()}")
+
+
+@app.command()
+def models(registry: Path = REGISTRY_OPTION) -> None:
+    """List registry versions and which one is current."""
+    from shared.registry import ModelRegistry
+
+    reg = ModelRegistry(registry)
+    current = reg.current()
+    table = Table("version", "kind", "parent", "created", "current")
+    for meta in reg.list():
+        table.add_row(meta.version, meta.kind, meta.parent or "-", meta.created.isoformat(timespec="seconds"),
+                      "*" if meta.version == current else "")
+    console.print(table)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="directory for report.json and logs"),

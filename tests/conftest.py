@@ -4,3 +4,30 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory) -> Path:
+    """The real tiny model, built once per session through the CLI exactly as a user would."""
+    root = tmp_path_factory.mktemp("registry")
+    prefloop = str(Path(sys.executable).with_name("prefloop"))
+    out = subprocess.run([prefloop, "bootstrap", "--registry", str(root)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "registered v0001" in out.stdout
+    return root
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_registry):
+    from shared.engine import GenerationEngine
+    from shared.registry import ModelRegistry
+
+    return GenerationEngine.from_registry(ModelRegistry(tiny_registry))

@@ -52,3 +52,13 @@ def read_events(bootstrap: str, topic: Topic, count: int, timeout_s: float = 20.
 
 def prompt(text: str, **kw) -> PromptEvent:
     return PromptEvent(producer="test", messages=[ChatMessage(role="user", content=text)], **kw)
+
+
+def random_tiny_model(hidden: int = 16, layers: int = 1):
+    """An untrained tiny Llama + the project's tokenizer: fast, for registry/plumbing tests."""
+    from services.trainer.bootstrap import TinyModelSpec, build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer(["hello there", "see a doctor", "I am sorry you feel unwell"], 300)
+    spec = TinyModelSpec(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                         num_attention_heads=2)
+    return build_tiny_model(tok, spec), tok

@@ -98,7 +98,7 @@ def bootstrap_tiny(registry: ModelRegistry, spec: TinyModelSpec | None = None) -
     config = SFTJobConfig(learning_rate=spec.sft_learning_rate, max_steps=spec.sft_steps,
                           per_device_train_batch_size=spec.sft_batch_size, gradient_accumulation_steps=1,
                           warmup_ratio=0.05, weight_decay=0.0, max_length=spec.max_position_embeddings,
-                          seed=spec.seed, logging_steps=10, lora=None)
+                          seed=spec.seed, logging_steps=max(1, min(10, spec.sft_steps // 5)), lora=None)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sft(model, tok, conversations, config, Path(tmp))
     result.model.generation_config.eos_token_id = tok.eos_token_id

@@ -88,5 +88,7 @@ def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, o
     trained = trainer.model
     if config.lora:
         trained = trained.merge_and_unload()
+    if not losses:
+        raise RuntimeError(f"SFT logged no loss in {trainer.state.global_step} steps (logging_steps too large?)")
     log.info("SFT done: %d steps, loss %.3f -> %.3f", trainer.state.global_step, losses[0], losses[-1])
     return SFTResult(model=trained, losses=losses, steps=trainer.state.global_step, config=asdict(config))

@@ -1,0 +1,111 @@
+"""Bootstrap (through the CLI), registry crash safety, and the generation engine on the real tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from services.trainer.bootstrap import TinyModelSpec, bootstrap_tiny
+from shared.engine import GenerationEngine, GenerationRequest
+from shared.registry import ModelRegistry
+from shared.wire import ChatMessage, SamplingParams
+from tests.helpers import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_PROMPTS = ROOT / "prefloop" / "data" / "demo_prompts.jsonl"
+SYSTEM = "You are a helpful and empathetic medical assistant."
+
+
+def ask(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=text)]
+
+
+def test_bootstrap_registered_a_current_sft_version_whose_loss_fell(tiny_registry):
+    reg = ModelRegistry(tiny_registry)
+    current = reg.current()
+    meta = reg.get(current)
+    assert meta.kind == "sft" and meta.parent is None and meta.snapshot_id.startswith("shipped:")
+    losses = meta.metrics["sft_losses"]
+    assert len(losses) >= 5 and losses[-1] < 0.3 * losses[0]
+    assert meta.metrics["seconds"] < 180
+
+
+def test_bootstrapped_model_answers_shipped_prompts_and_stops_at_the_end_token(engine):
+    prompts = [json.loads(line)["prompt"] for line in DEMO_PROMPTS.read_text().splitlines()[:24]]
+    results = engine.generate([GenerationRequest(ask(p), SamplingParams(max_new_tokens=96), n=2) for p in prompts])
+    cands = [c for r in results for c in r.candidates]
+    assert len(cands) == 48 and all(len(r.candidates) == 2 for r in results)
+    assert all(c.text.strip() for c in cands)
+    assert sum(c.finish_reason == "stop" for c in cands) >= 0.8 * len(cands)
+    assert all("<|im_end|>" not in c.text and "<|im_start|>" not in c.text for c in cands)
+    assert all(r.prompt_tokens > 10 and not r.truncated for r in results)
+
+
+def test_bootstrap_is_deterministic_for_a_seed(tmp_path):
+    spec = TinyModelSpec(sft_steps=4, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    a = bootstrap_tiny(ModelRegistry(tmp_path / "a"), spec)
+    b = bootstrap_tiny(ModelRegistry(tmp_path / "b"), spec)
+    assert a.checksums == b.checksums and a.metrics["sft_losses"] == b.metrics["sft_losses"]
+
+
+def test_seeded_requests_are_reproducible_and_params_are_per_request(engine):
+    seeded = GenerationRequest(ask("How do I sleep better?"), SamplingParams(seed=123, max_new_tokens=40), n=2)
+    first, second = engine.generate([seeded])[0], engine.generate([seeded])[0]
+    assert [c.text for c in first.candidates] == [c.text for c in second.candidates]
+    mixed = engine.generate([
+        GenerationRequest(ask("q one"), SamplingParams(max_new_tokens=3), n=1),
+        GenerationRequest(ask("q two, a much longer question about my headache"), SamplingParams(max_new_tokens=40), n=3),
+    ])
+    assert len(mixed[0].candidates) == 1 and mixed[0].candidates[0].completion_tokens <= 3
+    assert len(mixed[1].candidates) == 3
+
+
+def test_overlong_prompts_are_truncated_from_the_left_or_rejected(engine, tiny_registry):
+    long = ask("pain " * 2000)
+    res = engine.generate([GenerationRequest(long, SamplingParams(max_new_tokens=16))])[0]
+    assert res.truncated and res.prompt_tokens == engine.context_length - 16 and res.candidates
+    strict = GenerationEngine.from_registry(ModelRegistry(tiny_registry), overflow="reject")
+    res = strict.generate([GenerationRequest(long, SamplingParams(max_new_tokens=16)),
+                           GenerationRequest(ask("short"), SamplingParams(max_new_tokens=8))])
+    assert res[0].error and "tokens" in res[0].error and not res[0].candidates
+    assert res[1].error is None and res[1].candidates
+
+
+def test_readers_never_see_a_half_written_version_when_the_writer_is_killed(tmp_path):
+    root = tmp_path / "reg"
+    reg = ModelRegistry(root)
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            for meta in reg.list():
+                try:
+                    reg.verified_path(meta.version)
+                except Exception as exc:  # noqa: BLE001 - any failure is a finding
+                    problems.append(f"{meta.version}: {exc}")
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.registry_writer", str(root)], cwd=ROOT)
+    try:
+        wait_for(lambda: len(reg.list()) >= 1, 60, "a first complete version")
+        saved = len(reg.list())
+        wait_for(lambda: any(p.name.startswith(".staging") and len(list(p.iterdir())) > 0 for p in root.iterdir())
+                 and len(reg.list()) == saved, 60, "the writer to be mid-save")
+        proc.kill()
+        proc.wait(10)
+    finally:
+        stop.set()
+        thread.join(10)
+        if proc.poll() is None:
+            proc.kill()
+    assert problems == []
+    assert any(p.name.startswith(".staging") for p in root.iterdir())  # the killed save left only staging
+    versions = reg.list()
+    assert versions and all(reg.verified_path(m.version) for m in versions)
