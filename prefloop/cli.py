@@ -51,6 +51,61 @@ def broker(
 
 
 @app.command()
+def serve(service: str = typer.Argument(..., help="generator | judge | trainer | gateway")) -> None:
+    """Run one service (settings from PREFLOOP_<SERVICE>_* variables) until SIGTERM."""
+    from shared.service import serve as run
+
+    if service == "generator":
+        from services.generator.app import create_app
+        from services.generator.settings import GeneratorSettings as Settings
+    else:
+        raise typer.BadParameter(f"unknown or not yet available service {service!r}", param_hint="SERVICE")
+    settings = Settings()
+    configure_logging(settings.log, service)
+    run(create_app(settings), settings)
+
+
+@app.command()
+def ingest(
+    source: str = typer.Argument(..., help="JSONL/JSON/CSV/parquet file, a `datasets` name/path, or 'demo'"),
+    eval_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="share of prompts held out for evaluation"),
+    n: int = typer.Option(2, min=2, max=16, help="candidates to sample per prompt"),
+    limit: Optional[int] = typer.Option(None, min=1, help="ingest at most this many usable prompts"),
+    system_prompt: Optional[str] = typer.Option(None, help="system prompt for rows without one (default: seed 001's)"),
+    no_system_prompt: bool = typer.Option(False, help="do not add a system prompt"),
+) -> None:
+    """Publish prompts as PromptEvents (dedupe, deterministic train/eval split, counts)."""
+    from rich.progress import track
+
+    from prefloop.ingest import DEMO_PROMPTS, SYSTEM_PROMPT, IngestError, build_events
+    from shared.kafka import EventProducer
+    from shared.topics import PROMPTS
+
+    configure_logging(LogSettings(), "ingest")
+    kafka = KafkaSettings()
+    try:
+        events, report = build_events(str(DEMO_PROMPTS) if source == "demo" else source,
+                                      system_prompt=None if no_system_prompt else (system_prompt or SYSTEM_PROMPT),
+                                      eval_fraction=eval_fraction, n=n, limit=limit)
+    except IngestError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2)
+    producer = EventProducer(kafka, "cli")
+    topic = PROMPTS.with_prefix(kafka.topic_prefix)
+    try:
+        futures = [producer.send(topic, e) for e in track(events, description="publishing", console=console)]
+        for future in futures:
+            future.get(timeout=kafka.produce_timeout_s)
+    finally:
+        producer.close()
+    console.print(f"rows {report.rows}, usable {report.usable} (train {report.train}, eval {report.eval}), "
+                  f"duplicates dropped {report.duplicates}, without a usable prompt {report.unusable}; "
+                  f"published {len(events)} to {topic.name}")
+    for line in report.unusable_rows:
+        console.print(f"  skipped {line}")
+
+
+@app.command()
 def topics() -> None:
     """List the topic registry: names, partitions, events, dead-letter topics."""
     from shared.topics import ALL_TOPICS

@@ -265,3 +265,12 @@ class DeadLetter(Event):
     error: str
     service: str
     attempts: int = Field(ge=0)
+
+
+class ServiceStatus(WireModel):
+    """`GET /status` body of the generator, judge and trainer."""
+
+    service: ServiceName
+    ready: bool
+    policy_version: str | None = None
+    detail: dict[str, float | int | str | None] = Field(default_factory=dict)

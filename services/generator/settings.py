@@ -1,3 +1,5 @@
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -10,6 +12,10 @@ class GeneratorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PREFLOOP_GENERATOR_", env_nested_delimiter="__", extra="ignore")
 
     group_id: str = "prefloop-generator"
+    http_port: int = 8101
     registry_dir: str = Field("var/registry", description="model registry root")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="prompts per generate call")
     batch_timeout_ms: int = Field(500, ge=0)
+    max_batch_sequences: int = Field(16, ge=1, description="prompts x n per forward pass")
+    overflow: Literal["truncate_left", "reject"] = Field(
+        "truncate_left", description="a prompt longer than the context: drop its oldest tokens, or dead-letter it")

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -43,14 +44,42 @@ class Received(Generic[E]):
     partition: int
     offset: int
     key: str | None
+    raw: bytes = b""
+
+    def dead_letter(self, service: ServiceName, kind: str, error: str, attempts: int) -> DeadLetter:
+        """A dead letter for this record, for handlers that reject a record themselves."""
+        return make_dead_letter(self.topic, self.partition, self.offset, self.key, self.raw, kind, error,
+                                service, attempts)
+
+
+def make_dead_letter(topic: str, partition: int, offset: int, key: str | None, value: bytes | None, kind: str,
+                     error: str, service: ServiceName, attempts: int) -> DeadLetter:
+    value = value or b""
+    try:
+        payload, encoding = value.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(value).decode("ascii"), "base64"
+    return DeadLetter(producer=service, original_topic=topic, partition=partition, offset=offset, key=key,
+                      payload=payload, payload_encoding=encoding, error_kind=kind, error=error, service=service,
+                      attempts=attempts)
 
 
 BatchHandler = Callable[[list[Received]], None]
 
 
 class _LoopMetrics:
-    def __init__(self, registry: CollectorRegistry | None) -> None:
+    """Consume-loop metrics, labelled by topic; one set per registry, shared by its loops."""
+
+    _per_registry: "weakref.WeakKeyDictionary[CollectorRegistry, _LoopMetrics]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> "_LoopMetrics":
         reg = registry or CollectorRegistry()
+        if reg not in cls._per_registry:
+            cls._per_registry[reg] = cls(reg)
+        return cls._per_registry[reg]
+
+    def __init__(self, reg: CollectorRegistry) -> None:
         self.received = Counter("prefloop_records_received", "records polled", ["topic"], registry=reg)
         self.handled = Counter("prefloop_records_handled", "records handled and committed", ["topic"], registry=reg)
         self.dead = Counter("prefloop_dead_letters", "records sent to the DLQ", ["topic", "kind"], registry=reg)
@@ -104,10 +133,11 @@ class ConsumeLoop:
         self._grace_s = shutdown_grace_s
         self._stop = threading.Event()
         self._pending: list = []
-        self._metrics = _LoopMetrics(registry)
+        self._metrics = _LoopMetrics.for_registry(registry)
         self.assigned = threading.Event()
         """Set once the group has assigned this member at least one partition."""
         self.abandoned_batches = 0
+        self.crashed = False
 
     # -- control -------------------------------------------------------------
     def stop(self) -> None:
@@ -178,7 +208,8 @@ class ConsumeLoop:
         for rec in records:
             key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
             try:
-                valid.append(Received(decode(self.topic, rec.value), rec.topic, rec.partition, rec.offset, key))
+                valid.append(Received(decode(self.topic, rec.value), rec.topic, rec.partition, rec.offset, key,
+                                      rec.value or b""))
             except DecodeError as exc:
                 dead.append(self._dead_letter(rec, key, exc.kind, str(exc), attempts=0))
         failures: list[tuple[Received, BaseException, int]] = []
@@ -248,17 +279,8 @@ class ConsumeLoop:
         return failures
 
     def _dead_letter(self, rec, key: str | None, kind: str, error: str, attempts: int) -> DeadLetter:
-        value: bytes = rec.value or b""
-        try:
-            payload, encoding = value.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            payload, encoding = base64.b64encode(value).decode("ascii"), "base64"
-        return DeadLetter(
-            producer=self._service,
-            original_topic=rec.topic, partition=rec.partition, offset=rec.offset, key=key,
-            payload=payload, payload_encoding=encoding, error_kind=kind, error=error,
-            service=self._service, attempts=attempts,
-        )
+        return make_dead_letter(rec.topic, rec.partition, rec.offset, key, rec.value, kind, error, self._service,
+                                attempts)
 
     def _commit(self, consumer: KafkaConsumer, records: list) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}

@@ -1,0 +1,81 @@
+"""Generator service: consumes PromptEvents in batches, publishes CandidatesEvents tagged with
+the policy version, reloads on ModelUpdatedEvent."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.generator.sampler import CandidateSampler
+from services.generator.settings import GeneratorSettings
+from shared.kafka import ConsumeLoop, EventProducer
+from shared.observability import health_router, new_registry
+from shared.registry import ModelRegistry
+from shared.service import LoopThreads
+from shared.topics import CANDIDATES, MODEL_UPDATES, PROMPTS
+from shared.wire import ServiceStatus
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GeneratorSettings) -> FastAPI:
+    metrics = new_registry()
+    prefix = settings.kafka.topic_prefix
+    state: dict = {}
+
+    def ready() -> bool:
+        sampler, loops = state.get("sampler"), state.get("loops")
+        return bool(sampler and sampler.ready and loops and loops.healthy and state.get("consuming"))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        producer = EventProducer(settings.kafka, "generator")
+        sampler = CandidateSampler(ModelRegistry(settings.registry_dir), producer, CANDIDATES.with_prefix(prefix),
+                                   PROMPTS.with_prefix(prefix).dead_letter, metrics,
+                                   max_batch_sequences=settings.max_batch_sequences, overflow=settings.overflow)
+        loops = LoopThreads()
+        state.update(sampler=sampler, loops=loops)
+        common = dict(kafka=settings.kafka, producer=producer, service="generator", registry=metrics,
+                      max_attempts=settings.max_attempts, shutdown_grace_s=settings.shutdown_grace_s)
+        # Every instance must see every model update: a group of its own.
+        loops.start(ConsumeLoop(MODEL_UPDATES.with_prefix(prefix), group_id=f"{settings.group_id}-updates-{uuid.uuid4().hex[:8]}",
+                                handler=sampler.on_model_updated, batch_size=16, **common))
+        stop = threading.Event()
+
+        def start_consuming() -> None:
+            # Prompts are consumed only once a policy is loaded; until then /readyz says no.
+            try:
+                while not stop.is_set() and not sampler.ready:
+                    if not sampler.load() and stop.wait(2.0):
+                        return
+                if not stop.is_set():
+                    loops.start(ConsumeLoop(PROMPTS.with_prefix(prefix), group_id=settings.group_id,
+                                            handler=sampler.handle, batch_size=settings.batch_size,
+                                            batch_timeout_ms=settings.batch_timeout_ms, **common))
+                    state["consuming"] = True
+            except Exception:  # noqa: BLE001 - visible in the log and in /readyz
+                log.exception("generator failed to start consuming")
+
+        starter = threading.Thread(target=start_consuming, name="generator-start", daemon=True)
+        starter.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            starter.join(5)
+            loops.stop(settings.shutdown_grace_s)
+            producer.close()
+
+    app = FastAPI(title="prefloop generator", lifespan=lifespan)
+    app.include_router(health_router(metrics, ready, "generator"))
+
+    @app.get("/status")
+    def status() -> ServiceStatus:
+        sampler = state.get("sampler")
+        return ServiceStatus(service="generator", ready=ready(), policy_version=sampler.version if sampler else None)
+
+    return app
