@@ -55,12 +55,24 @@ def serve(service: str = typer.Argument(..., help="generator | judge | trainer |
     """Run one service (settings from PREFLOOP_<SERVICE>_* variables) until SIGTERM."""
     from shared.service import serve as run
 
+    from pydantic import ValidationError
+
     if service == "generator":
         from services.generator.app import create_app
         from services.generator.settings import GeneratorSettings as Settings
+    elif service == "judge":
+        from services.judge.app import create_app
+        from services.judge.settings import JudgeSettings as Settings
     else:
         raise typer.BadParameter(f"unknown or not yet available service {service!r}", param_hint="SERVICE")
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(map(str, error["loc"]))
+            typer.echo(f"{service}: invalid settings{' (' + where + ')' if where else ''}: "
+                       f"{error['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(code=2)
     configure_logging(settings.log, service)
     run(create_app(settings), settings)
 

@@ -274,3 +274,15 @@ class ServiceStatus(WireModel):
     ready: bool
     policy_version: str | None = None
     detail: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+
+class PairVerdict(WireModel):
+    """What a judge returns for one ordered pair: the JSON body an LLM judge must produce
+    (validated with this model whether or not the endpoint enforces the schema)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    reasoning: str = Field(min_length=1, max_length=8000)
+    winner: Literal["A", "B", "tie"]
+    scores_a: RubricScores
+    scores_b: RubricScores

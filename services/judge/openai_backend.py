@@ -1,0 +1,140 @@
+"""Pairwise judge over any OpenAI-compatible Chat Completions endpoint (httpx, async).
+
+Bounded concurrency; retries with exponential backoff and jitter on 429, 5xx, timeouts,
+transport errors and unusable replies, honouring Retry-After; a per-process request budget.
+The API key goes only into the Authorization header; it is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from services.judge.prompt import build_messages, parse_verdict, response_format
+from shared.wire import ChatMessage, PairVerdict
+
+log = logging.getLogger(__name__)
+
+
+class JudgeFailure(Exception):
+    """A verdict could not be obtained; never turned into a label."""
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class BudgetExhausted(JudgeFailure):
+    pass
+
+
+class RetryableError(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class OpenAIJudge:
+    def __init__(self, *, base_url: str, model: str, api_key: str, concurrency: int = 64, max_retries: int = 4,
+                 retry_base_s: float = 0.5, retry_max_s: float = 30.0, timeout_s: float = 60.0,
+                 request_budget: int = 0, structured_output: str = "json_schema", temperature: float = 0.0,
+                 on_latency=None) -> None:
+        self.judge_id = f"openai:{model}"
+        self._model = model
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._timeout = timeout_s
+        self._max_attempts = max_retries + 1
+        self._backoff = wait_random_exponential(multiplier=retry_base_s, max=retry_max_s)
+        self._budget = request_budget
+        self._format = structured_output
+        self._temperature = temperature
+        self._on_latency = on_latency or (lambda seconds: None)
+        self._semaphore: asyncio.Semaphore | None = None
+        self._concurrency = concurrency
+        self._client: httpx.AsyncClient | None = None
+        self.usage = Usage()
+
+    @property
+    def requests_sent(self) -> int:
+        return self.usage.requests
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableError) and exc.retry_after is not None:
+            return exc.retry_after
+        return self._backoff(state)
+
+    async def judge(self, conversation: list[ChatMessage], a: str, b: str, reference: str | None = None) -> PairVerdict:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+            self._semaphore = asyncio.Semaphore(self._concurrency)
+        messages = build_messages(conversation, a, b, reference)
+        attempts = 0
+        last: Exception | None = None
+        try:
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(self._max_attempts), wait=self._wait,
+                                               retry=retry_if_exception_type(RetryableError), reraise=True):
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    return await self._call(messages)
+        except RetryableError as exc:
+            last = exc
+        raise JudgeFailure(f"no usable verdict after {attempts} attempts: {last}", attempts)
+
+    async def _call(self, messages: list[dict]) -> PairVerdict:
+        if self._budget and self.usage.requests >= self._budget:
+            raise BudgetExhausted(f"request budget of {self._budget} exhausted", self.usage.requests)
+        body = {"model": self._model, "messages": messages, "temperature": self._temperature,
+                "response_format": response_format(self._format)}
+        assert self._semaphore is not None and self._client is not None
+        async with self._semaphore:
+            self.usage.requests += 1
+            started = time.monotonic()
+            try:
+                response = await self._client.post(self._url, json=body, headers=self._headers)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                raise RetryableError(f"{type(exc).__name__} calling the judge endpoint") from exc
+            finally:
+                self._on_latency(time.monotonic() - started)
+        if response.status_code == 400 and self._format == "json_schema" and "response_format" in response.text:
+            log.warning("endpoint refused json_schema output; falling back to json_object")
+            self._format = "json_object"
+            raise RetryableError("json_schema refused", retry_after=0)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise RetryableError(f"HTTP {response.status_code}", _retry_after(response))
+        if response.status_code != 200:
+            raise JudgeFailure(f"HTTP {response.status_code}: {response.text[:300]}", 1)
+        try:
+            payload = response.json()
+            usage = payload.get("usage") or {}
+            self.usage.prompt_tokens += int(usage.get("prompt_tokens", 0))
+            self.usage.completion_tokens += int(usage.get("completion_tokens", 0))
+            return parse_verdict(payload["choices"][0]["message"]["content"])
+        except (ValueError, KeyError, IndexError, TypeError, ValidationError) as exc:
+            raise RetryableError(f"unusable reply: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -1,0 +1,68 @@
+"""The judge's batch handler: judge every CandidatesEvent of a batch concurrently on one
+asyncio loop, publish preferences and abstentions, dead-letter failures; the consume loop
+commits only after all of that was acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from services.judge.cache import VerdictCache
+from services.judge.openai_backend import OpenAIJudge
+from services.judge.pairwise import PairwiseJudge
+from services.judge.rubric import RubricJudge
+from services.judge.settings import JudgeSettings
+from services.judge.stats import JudgeStats
+from shared.kafka import EventProducer, Received
+from shared.topics import Topic
+from shared.wire import CandidatesEvent
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(settings: JudgeSettings, stats: JudgeStats):
+    if settings.backend == "rubric":
+        return RubricJudge()
+    return OpenAIJudge(base_url=settings.base_url, model=settings.model, api_key=settings.api_key,
+                       concurrency=settings.concurrency, max_retries=settings.max_retries,
+                       retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s,
+                       timeout_s=settings.request_timeout_s, request_budget=settings.request_budget,
+                       structured_output=settings.structured_output, temperature=settings.temperature,
+                       on_latency=stats.observe_latency)
+
+
+class JudgeService:
+    def __init__(self, settings: JudgeSettings, producer: EventProducer, stats: JudgeStats, *,
+                 preferences: Topic, abstentions: Topic, candidates_dlq: Topic) -> None:
+        self.stats = stats
+        self.backend = make_backend(settings, stats)
+        self.judge = PairwiseJudge(self.backend, VerdictCache(settings.cache_path), stats)
+        self._producer = producer
+        self._preferences, self._abstentions, self._dlq = preferences, abstentions, candidates_dlq
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="judge-asyncio", daemon=True)
+        self._thread.start()
+
+    def handle(self, batch: list[Received[CandidatesEvent]]) -> None:
+        async def decide_all():
+            return await asyncio.gather(*(self.judge.decide(r.event) for r in batch))
+
+        outcomes = asyncio.run_coroutine_threadsafe(decide_all(), self._loop).result()
+        prefs = [o.preference for o in outcomes if o.preference]
+        abstentions = [o.abstention for o in outcomes if o.abstention]
+        dead = [r.dead_letter("judge", "handler", f"judge failed: {o.failure}", o.failure.attempts)
+                for r, o in zip(batch, outcomes) if o.failure]
+        self._producer.publish(self._preferences, prefs)
+        self._producer.publish(self._abstentions, abstentions)
+        if dead:
+            self._producer.publish(self._dlq, dead)
+        if isinstance(self.backend, OpenAIJudge):
+            self.stats.tokens.labels("prompt").set(self.backend.usage.prompt_tokens)
+            self.stats.tokens.labels("completion").set(self.backend.usage.completion_tokens)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.backend.aclose(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self.judge.cache.close()
