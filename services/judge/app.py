@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from services.judge.service import JudgeService
 from services.judge.settings import JudgeSettings
-from services.judge.stats import JudgeStats
+from shared.judging.stats import JudgeStats
 from shared.kafka import ConsumeLoop, EventProducer
 from shared.observability import health_router, new_registry
 from shared.service import LoopThreads

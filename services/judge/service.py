@@ -8,12 +8,12 @@ import asyncio
 import logging
 import threading
 
-from services.judge.cache import VerdictCache
-from services.judge.openai_backend import OpenAIJudge
-from services.judge.pairwise import PairwiseJudge
-from services.judge.rubric import RubricJudge
+from shared.judging.cache import VerdictCache
+from shared.judging.openai_backend import OpenAIJudge
+from shared.judging.pairwise import PairwiseJudge
+from shared.judging.rubric import RubricJudge
 from services.judge.settings import JudgeSettings
-from services.judge.stats import JudgeStats
+from shared.judging.stats import JudgeStats
 from shared.kafka import EventProducer, Received
 from shared.topics import Topic
 from shared.wire import CandidatesEvent

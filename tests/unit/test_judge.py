@@ -6,10 +6,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from services.judge.pairwise import PairwiseJudge
-from services.judge.prompt import build_messages, parse_verdict
-from services.judge.rubric import RubricJudge, score, weighted
-from services.judge.stats import JudgeStats
+from shared.judging.pairwise import PairwiseJudge
+from shared.judging.prompt import build_messages, parse_verdict
+from shared.judging.rubric import RubricJudge, score, weighted
+from shared.judging.stats import JudgeStats
 from shared.observability import new_registry
 from shared.wire import Candidate, CandidatesEvent, ChatMessage, PairVerdict, RubricScores
 from tests.helpers import prompt

@@ -16,9 +16,9 @@ import asyncio
 import itertools
 from dataclasses import dataclass
 
-from services.judge.cache import VerdictCache, verdict_key
-from services.judge.openai_backend import JudgeFailure
-from services.judge.stats import JudgeStats
+from shared.judging.cache import VerdictCache, verdict_key
+from shared.judging.openai_backend import JudgeFailure
+from shared.judging.stats import JudgeStats
 from shared.wire import CandidatesEvent, JudgementAbstainedEvent, PairVerdict, PreferenceEvent, RubricScores
 
 

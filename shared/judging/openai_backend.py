@@ -16,7 +16,7 @@ import httpx
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from services.judge.prompt import build_messages, parse_verdict, response_format
+from shared.judging.prompt import build_messages, parse_verdict, response_format
 from shared.wire import ChatMessage, PairVerdict
 
 log = logging.getLogger(__name__)
