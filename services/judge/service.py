@@ -11,7 +11,6 @@ import threading
 from shared.judging.cache import VerdictCache
 from shared.judging.openai_backend import OpenAIJudge
 from shared.judging.pairwise import PairwiseJudge
-from shared.judging.rubric import RubricJudge
 from services.judge.settings import JudgeSettings
 from shared.judging.stats import JudgeStats
 from shared.kafka import EventProducer, Received
@@ -21,22 +20,11 @@ from shared.wire import CandidatesEvent
 log = logging.getLogger(__name__)
 
 
-def make_backend(settings: JudgeSettings, stats: JudgeStats):
-    if settings.backend == "rubric":
-        return RubricJudge()
-    return OpenAIJudge(base_url=settings.base_url, model=settings.model, api_key=settings.api_key,
-                       concurrency=settings.concurrency, max_retries=settings.max_retries,
-                       retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s,
-                       timeout_s=settings.request_timeout_s, request_budget=settings.request_budget,
-                       structured_output=settings.structured_output, temperature=settings.temperature,
-                       on_latency=stats.observe_latency)
-
-
 class JudgeService:
     def __init__(self, settings: JudgeSettings, producer: EventProducer, stats: JudgeStats, *,
                  preferences: Topic, abstentions: Topic, candidates_dlq: Topic) -> None:
         self.stats = stats
-        self.backend = make_backend(settings, stats)
+        self.backend = settings.make_backend(on_latency=stats.observe_latency)
         self.judge = PairwiseJudge(self.backend, VerdictCache(settings.cache_path), stats)
         self._producer = producer
         self._preferences, self._abstentions, self._dlq = preferences, abstentions, candidates_dlq
