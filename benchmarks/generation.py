@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import pipeline
 
-from prefloop.ingest import DEMO_PROMPTS, SYSTEM_PROMPT
+from shared.prompts import DEMO_PROMPTS, SYSTEM_PROMPT
 from shared.engine import GenerationEngine, GenerationRequest
 from shared.registry import ModelRegistry
 from shared.wire import ChatMessage, SamplingParams

@@ -89,7 +89,7 @@ def ingest(
     """Publish prompts as PromptEvents (dedupe, deterministic train/eval split, counts)."""
     from rich.progress import track
 
-    from prefloop.ingest import DEMO_PROMPTS, SYSTEM_PROMPT, IngestError, build_events
+    from shared.prompts import DEMO_PROMPTS, SYSTEM_PROMPT, IngestError, build_events
     from shared.kafka import EventProducer
     from shared.topics import PROMPTS
 

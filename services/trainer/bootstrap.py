@@ -23,10 +23,13 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast, set_seed)
 
 from services.trainer.sft import SFTJobConfig, run_sft
+from shared.ids import content_id
+from shared.prompts import split_for
 from shared.registry import ModelRegistry, VersionMeta
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parent / "data" / "sft_conversations.jsonl"
+HELDOUT_FRACTION = 0.1
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -52,9 +55,13 @@ class TinyModelSpec:
     seed: int = 7
 
 
-def load_conversations(path: Path = DATA) -> list[dict]:
+def load_conversations(split: str = "train", path: Path = DATA) -> list[dict]:
+    """The shipped SFT conversations: `train` (about 90%) or `heldout` (the rest, never trained on,
+    the trainer's forgetting-guard reference set). The split is a deterministic content hash."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    wanted = "eval" if split == "heldout" else "train"
+    return [r for r in rows if split_for(content_id("sft", r["messages"]), HELDOUT_FRACTION) == wanted]
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -91,8 +98,8 @@ def bootstrap_tiny(registry: ModelRegistry, spec: TinyModelSpec | None = None) -
     set_seed(spec.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.monotonic()
-    conversations = load_conversations()
-    texts = [m["content"] for c in conversations for m in c["messages"]]
+    conversations = load_conversations("train")
+    texts = [m["content"] for c in conversations + load_conversations("heldout") for m in c["messages"]]
     tok = build_tokenizer(texts, spec.vocab_size)
     model = build_tiny_model(tok, spec)
     config = SFTJobConfig(learning_rate=spec.sft_learning_rate, max_steps=spec.sft_steps,
@@ -126,7 +133,7 @@ def bootstrap_from_base(registry: ModelRegistry, base: str, config: SFTJobConfig
     dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_sft(model, tok, load_conversations(), config, Path(tmp))
+        result = run_sft(model, tok, load_conversations("train"), config, Path(tmp))
     meta = registry.save(result.model, tok, kind="sft", base_model=base, training_config={"sft": result.config},
                          snapshot_id=f"shipped:{DATA.name}",
                          metrics={"sft_losses": result.losses, "sft_steps": result.steps})

@@ -1,16 +1,55 @@
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.judging.settings import JudgeBackendSettings
 from shared.settings import ServiceSettings
 
 
 class TrainerSettings(ServiceSettings):
-    """`PREFLOOP_TRAINER_*`: keeps the preference ledger, trains, gates, promotes."""
+    """`PREFLOOP_TRAINER_*`: keeps the preference ledger, trains DPO, gates, promotes.
+    The gate's judge is configured by `PREFLOOP_JUDGE_*`, the same backend as the judge service."""
 
     model_config = SettingsConfigDict(env_prefix="PREFLOOP_TRAINER_", env_nested_delimiter="__", extra="ignore")
 
     group_id: str = "prefloop-trainer"
+    http_port: int = 8103
     registry_dir: str = Field("var/registry", description="model registry root")
     ledger_dir: str = Field("var/ledger", description="durable preference ledger")
-    min_new_pairs: int = Field(32, ge=1, description="train when this many new pairs arrived")
-    admin_key: str = Field("", repr=False)
+    runs_dir: str = Field("var/runs", description="per-run metrics, plots, adapters")
+    admin_key: str = Field("", repr=False, description="bearer key for POST /train")
+    batch_size: int = Field(64, ge=1)
+    batch_timeout_ms: int = Field(500, ge=0)
+    max_text_chars: int = Field(16_000, ge=1, description="longer prompts/answers are dead-lettered")
+    # trigger
+    min_new_pairs: int = Field(32, ge=1, description="train when this many new pairs arrived since the last run")
+    train_interval_min: float = Field(60.0, gt=0, description="or every T minutes if any new pair arrived")
+    check_interval_s: float = Field(2.0, gt=0)
+    # data selection
+    replay_fraction: float = Field(0.5, ge=0, description="older ledger pairs mixed in, as a fraction of new pairs")
+    stale_versions: int = Field(0, ge=0, description="drop pairs from policies more than K versions old (0 = keep)")
+    max_pairs_per_run: int = Field(2048, ge=1)
+    # DPO (seed 001 defaults; learning_rate unset = 5e-5, or 2e-3 for the tiny offline model)
+    beta: float = 0.1
+    learning_rate: float | None = None
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 2
+    max_length: int = 1024
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    quantization: Literal["none", "nf4"] = "none"
+    precompute_ref_log_probs: bool = False
+    seed: int = 42
+    # gate
+    win_rate_threshold: float = Field(0.55, ge=0, description="promote only at or above this win rate vs parent")
+    eval_prompts: int = Field(40, ge=1, description="held-out prompts both models answer")
+    eval_max_new_tokens: int = Field(128, ge=1)
+    max_perplexity_increase: float = Field(0.05, ge=0, description="forgetting guard on the SFT reference set")
+    max_length_drift: float = Field(0.20, ge=0, description="mean answer length change allowed")
+    heldout_pairs: int = Field(64, ge=0, description="held-out ledger pairs for preference accuracy")
+    reward_hack_window: int = Field(5, ge=1, description="flag runs at reward accuracy 1.0 over the first N logs")
+    judge: JudgeBackendSettings = Field(default_factory=JudgeBackendSettings)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from shared.judging.cache import VerdictCache, verdict_key
 from shared.judging.openai_backend import JudgeFailure
 from shared.judging.stats import JudgeStats
-from shared.wire import CandidatesEvent, JudgementAbstainedEvent, PairVerdict, PreferenceEvent, RubricScores
+from shared.wire import CandidatesEvent, ChatMessage, JudgementAbstainedEvent, PairVerdict, PreferenceEvent, RubricScores
 
 
 @dataclass
@@ -63,8 +63,7 @@ class PairwiseJudge:
         self.cache = cache
         self.stats = stats
 
-    async def _verdict(self, event: CandidatesEvent, a: str, b: str) -> PairVerdict:
-        conversation, reference = event.prompt.messages, event.prompt.reference_answer
+    async def _verdict(self, conversation: list[ChatMessage], reference: str | None, a: str, b: str) -> PairVerdict:
         key = verdict_key(self.backend.judge_id, conversation, a, b, reference)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
@@ -73,8 +72,10 @@ class PairwiseJudge:
             self.cache.put(key, verdict)
         return verdict
 
-    async def _pair(self, event: CandidatesEvent, x: str, y: str) -> PairResult:
-        v1, v2 = await asyncio.gather(self._verdict(event, x, y), self._verdict(event, y, x))
+    async def pair(self, conversation: list[ChatMessage], reference: str | None, x: str, y: str) -> PairResult:
+        """Judge x vs y in both orders."""
+        v1, v2 = await asyncio.gather(self._verdict(conversation, reference, x, y),
+                                      self._verdict(conversation, reference, y, x))
         result = PairResult(x, y, v1, v2)
         self.stats.record_pair(result.kind, result.winner, x, y)
         return result
@@ -91,7 +92,8 @@ class PairwiseJudge:
             return self._abstain(event, "insufficient_candidates",
                                  f"{len(texts)} distinct non-empty answer(s) among {len(event.candidates)}")
         try:
-            pairs = await asyncio.gather(*(self._pair(event, x, y) for x, y in itertools.combinations(texts, 2)))
+            pairs = await asyncio.gather(*(self.pair(event.prompt.messages, event.prompt.reference_answer, x, y)
+                                           for x, y in itertools.combinations(texts, 2)))
         except JudgeFailure as exc:
             self.stats.failures.inc()
             return Outcome(failure=exc, abstention=self._abstain(event, "failure", str(exc)).abstention)

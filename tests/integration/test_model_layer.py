@@ -17,7 +17,7 @@ from shared.wire import ChatMessage, SamplingParams
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_PROMPTS = ROOT / "prefloop" / "data" / "demo_prompts.jsonl"
+DEMO_PROMPTS = ROOT / "shared" / "data" / "demo_prompts.jsonl"
 SYSTEM = "You are a helpful and empathetic medical assistant."
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from prefloop.ingest import DEMO_PROMPTS, IngestError, build_events, split_for
+from shared.prompts import DEMO_PROMPTS, IngestError, build_events, split_for
 
 
 def write_jsonl(path, rows):

@@ -4,7 +4,7 @@
   of seeds 001/003. Most answers are clear, empathetic and advise seeing a professional; a
   deliberate minority are blunt, diagnose outright or repeat themselves, so the SFT model
   sometimes answers badly and preferences have something to teach.
-- ../../../prefloop/data/demo_prompts.jsonl: prompts for the demo, phrased differently from
+- ../../../shared/data/demo_prompts.jsonl: prompts for the demo, phrased differently from
   the SFT questions, some with reference answers.
 
 All text is written by us; nothing is copied from the seed datasets.
@@ -127,7 +127,7 @@ def main(seed: int = 7) -> None:
                 row["reference_answer"] = f"{facts} Please see {pro} for advice about your situation."
             prompts.append(row)
     rng.shuffle(prompts)
-    demo = HERE.parents[2] / "prefloop" / "data" / "demo_prompts.jsonl"
+    demo = HERE.parents[2] / "shared" / "data" / "demo_prompts.jsonl"
     with open(demo, "w") as f:
         for row in prompts:
             f.write(json.dumps(row) + "\n")

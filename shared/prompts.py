@@ -1,5 +1,5 @@
-"""`prefloop ingest FILE`: prompts from JSONL / JSON / CSV / parquet (or a `datasets`
-name/path) into PromptEvents.
+"""Prompt files (JSONL / JSON / CSV / parquet, or a `datasets` name/path) -> PromptEvents,
+for `prefloop ingest` and the trainer's held-out eval prompts.
 
 Field rules (the seed datasets' shapes): `messages` (a trailing assistant turn becomes the
 reference answer), else `prompt`, else `input` (seed 001 uses `input` as the question), else

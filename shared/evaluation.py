@@ -1,0 +1,184 @@
+"""Model-vs-model evaluation shared by the trainer's gate, `prefloop eval` and the demo report.
+
+Both models answer the same held-out prompts (same seed per prompt); the judge compares the
+answers in both orders; a win needs the same verdict in both orders. Also: rubric means per
+criterion (seed 001's table), mean answer length, BLEU against references (seed 003), the
+blinded rows for human raters, perplexity on a reference set (the forgetting guard) and
+preference accuracy on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from shared.engine import GenerationEngine, GenerationRequest
+from shared.judging.pairwise import PairwiseJudge
+from shared.wire import ChatMessage, PreferenceEvent, RubricScores, SamplingParams
+
+CRITERIA = tuple(RubricScores.model_fields)
+
+
+@dataclass
+class EvalPrompt:
+    messages: list[ChatMessage]
+    reference: str | None = None
+
+
+@dataclass
+class Comparison:
+    """`candidate` vs `baseline` (e.g. the new model vs its parent)."""
+
+    candidate: str
+    baseline: str
+    prompts: int = 0
+    wins: int = 0
+    losses: int = 0
+    abstentions: int = 0
+    rubric: dict[str, dict[str, float]] = field(default_factory=dict)
+    mean_tokens: dict[str, float] = field(default_factory=dict)
+    bleu: dict[str, float] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def win_rate(self) -> float:
+        decided = self.wins + self.losses
+        return self.wins / decided if decided else 0.0
+
+    @property
+    def abstain_rate(self) -> float:
+        return self.abstentions / self.prompts if self.prompts else 0.0
+
+    def win_rate_ci95(self) -> tuple[float, float]:
+        """Wilson score interval over decided comparisons."""
+        n = self.wins + self.losses
+        if n == 0:
+            return (0.0, 1.0)
+        p, z = self.win_rate, 1.96
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+    def write_blinded_csv(self, path: Path, seed: int = 0) -> Path:
+        """prompt, answer_1, answer_2, hidden_key (which model is answer_1), for human raters."""
+        rng = random.Random(seed)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["prompt", "answer_1", "answer_2", "hidden_key"])
+            for row in self.rows:
+                first_is_candidate = rng.random() < 0.5
+                a, b = (row["candidate"], row["baseline"]) if first_is_candidate else (row["baseline"], row["candidate"])
+                key = f"answer_1={self.candidate if first_is_candidate else self.baseline}"
+                writer.writerow([row["prompt"], a, b, key])
+        return path
+
+
+def _mean_scores(scores: list[RubricScores]) -> dict[str, float]:
+    if not scores:
+        return {}
+    return {c: round(sum(getattr(s, c) for s in scores) / len(scores), 3) for c in CRITERIA}
+
+
+def compare(candidate: GenerationEngine, baseline: GenerationEngine, prompts: list[EvalPrompt],
+            judge: PairwiseJudge, sampling: SamplingParams | None = None, seed: int = 1234) -> Comparison:
+    sampling = sampling or SamplingParams(max_new_tokens=128)
+    requests = [GenerationRequest(p.messages, sampling.model_copy(update={"seed": seed + i}), n=1)
+                for i, p in enumerate(prompts)]
+    cand_out, base_out = candidate.generate(requests), baseline.generate(requests)
+    result = Comparison(candidate=candidate.version, baseline=baseline.version, prompts=len(prompts))
+
+    async def judge_all():
+        jobs = []
+        for p, c, b in zip(prompts, cand_out, base_out):
+            jobs.append(judge.pair(p.messages, p.reference, c.candidates[0].text, b.candidates[0].text)
+                        if c.candidates and b.candidates and c.candidates[0].text != b.candidates[0].text
+                        else asyncio.sleep(0, result=None))
+        return await asyncio.gather(*jobs)
+
+    pairs = asyncio.run(judge_all())
+    scores: dict[str, list[RubricScores]] = {"candidate": [], "baseline": []}
+    for p, c, b, pair in zip(prompts, cand_out, base_out, pairs):
+        ctext = c.candidates[0].text if c.candidates else ""
+        btext = b.candidates[0].text if b.candidates else ""
+        result.rows.append({"prompt": p.messages[-1].content, "candidate": ctext, "baseline": btext,
+                            "reference": p.reference})
+        if pair is None or pair.winner is None:
+            result.abstentions += 1
+        elif pair.winner == ctext:
+            result.wins += 1
+        else:
+            result.losses += 1
+        if pair is not None:
+            scores["candidate"].append(pair.scores(ctext))
+            scores["baseline"].append(pair.scores(btext))
+    result.rubric = {candidate.version: _mean_scores(scores["candidate"]),
+                     baseline.version: _mean_scores(scores["baseline"])}
+    result.mean_tokens = {
+        candidate.version: _mean([c.candidates[0].completion_tokens for c in cand_out if c.candidates]),
+        baseline.version: _mean([b.candidates[0].completion_tokens for b in base_out if b.candidates]),
+    }
+    refs = [(r["reference"], r["candidate"], r["baseline"]) for r in result.rows if r["reference"]]
+    if refs:
+        import sacrebleu
+
+        result.bleu = {
+            candidate.version: round(sacrebleu.corpus_bleu([x[1] for x in refs], [[x[0] for x in refs]]).score, 3),
+            baseline.version: round(sacrebleu.corpus_bleu([x[2] for x in refs], [[x[0] for x in refs]]).score, 3),
+        }
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 3) if values else 0.0
+
+
+def _answer_logps(model, tokenizer, conversation: list[dict], answer: str) -> tuple[float, int]:
+    """Summed log-prob of `answer` (with its end token) after the prompt, and its token count."""
+    prompt_ids = list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
+    full_ids = list(tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": answer}],
+                                                  tokenize=True, return_dict=False))
+    n_answer = max(1, len(full_ids) - len(prompt_ids))
+    limit = int(getattr(model.config, "max_position_embeddings", 2048))
+    full_ids = full_ids[-limit:]  # keep the answer; drop the oldest prompt tokens if too long
+    n_answer = min(n_answer, len(full_ids) - 1)
+    ids = torch.tensor([full_ids], device=model.device)
+    with torch.inference_mode():
+        logits = model(ids).logits[0, :-1].float()
+    logps = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+    return float(logps[-n_answer:].sum()), n_answer
+
+
+def perplexity(engine: GenerationEngine, conversations: list[list[dict]]) -> float:
+    """Perplexity of the assistant turns (last message of each conversation) given their prompts."""
+    total, count = 0.0, 0
+    for conv in conversations:
+        lp, n = _answer_logps(engine.model, engine.tokenizer, conv[:-1], conv[-1]["content"])
+        total, count = total + lp, count + n
+    return math.exp(-total / max(1, count))
+
+
+def preference_accuracy(engine: GenerationEngine, pairs: list[PreferenceEvent],
+                        reference: GenerationEngine | None = None) -> float:
+    """Share of pairs whose chosen answer the model ranks above the rejected one. With a
+    reference: DPO's implicit reward, log pi(y|x) - log ref(y|x); without: log pi(y|x)."""
+    if not pairs:
+        return 0.0
+    right = 0
+    for pair in pairs:
+        conv = [m.model_dump() for m in pair.prompt_messages]
+
+        def reward(answer: str) -> float:
+            lp, _ = _answer_logps(engine.model, engine.tokenizer, conv, answer)
+            if reference is not None:
+                lp -= _answer_logps(reference.model, reference.tokenizer, conv, answer)[0]
+            return lp
+
+        right += reward(pair.chosen) > reward(pair.rejected)
+    return right / len(pairs)
