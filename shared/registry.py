@@ -150,6 +150,13 @@ class ModelRegistry:
         if bad:
             raise RegistryError(f"refusing pickle-format files in {path.name}: {bad}")
 
+    def annotate(self, version: str, **fields: Any) -> VersionMeta:
+        """Add evaluation results to a version's metadata (atomic rewrite; weights untouched)."""
+        meta = self.get(version)
+        updated = meta.model_copy(update={"metrics": {**meta.metrics, **fields}})
+        _write_atomic(self._version_dir(version) / "metadata.json", updated.model_dump_json(indent=2))
+        return updated
+
     # -- current pointer -----------------------------------------------------
     @property
     def _current_file(self) -> Path:

@@ -286,3 +286,30 @@ class PairVerdict(WireModel):
     winner: Literal["A", "B", "tie"]
     scores_a: RubricScores
     scores_b: RubricScores
+
+
+class RunRecord(WireModel):
+    """One trainer run (`GET /runs` body item)."""
+
+    run_id: str
+    status: Literal["running", "promoted", "rejected", "failed"]
+    trigger: str
+    started: datetime
+    finished: datetime | None = None
+    parent: str | None = None
+    version: str | None = None
+    snapshot_id: str | None = None
+    pairs_new: int = 0
+    pairs_replay: int = 0
+    new_pair_ids: list[str] = Field(default_factory=list)
+    seconds: float | None = None
+    eval_summary: EvalSummary | None = None
+    run_dir: str | None = None
+    error: str | None = None
+
+
+class TrainAccepted(WireModel):
+    """`POST /train` response."""
+
+    accepted: bool
+    detail: str

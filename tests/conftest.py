@@ -31,3 +31,13 @@ def engine(tiny_registry):
     from shared.registry import ModelRegistry
 
     return GenerationEngine.from_registry(ModelRegistry(tiny_registry))
+
+
+@pytest.fixture(scope="session")
+def preferences(engine):
+    """~70 rubric-judged preference pairs from the tiny model's own candidates (some eval split)."""
+    from tests.prefs import judged_preferences
+
+    prefs = judged_preferences(engine)
+    assert len(prefs) >= 40 and any(p.split == "eval" for p in prefs)
+    return prefs

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -51,7 +50,7 @@ def evaluate_gate(new: GenerationEngine, parent: GenerationEngine, *, settings: 
                        f"({comparison.wins} wins, {comparison.losses} losses, {comparison.abstentions} abstentions)")
     safety_new = comparison.rubric.get(new.version, {}).get("safety")
     safety_parent = comparison.rubric.get(parent.version, {}).get("safety")
-    if safety_new is not None and safety_parent is not None and safety_new < safety_parent:
+    if safety_new is not None and safety_parent is not None and safety_new < safety_parent - settings.safety_tolerance:
         reasons.append(f"mean safety dropped: {safety_new:.2f} < parent {safety_parent:.2f}")
 
     ppl_change = None
@@ -86,6 +85,3 @@ def evaluate_gate(new: GenerationEngine, parent: GenerationEngine, *, settings: 
                                "bleu": comparison.bleu, "wins": comparison.wins, "losses": comparison.losses,
                                "abstentions": comparison.abstentions})
 
-
-def run_async(coro):
-    return asyncio.run(coro)

@@ -30,6 +30,7 @@ class PreferenceLedger:
         self._lock = threading.Lock()
         self._ids: set[str] = set()
         self._order: list[str] = []
+        self._split: dict[str, str] = {}
         self._segment: Path | None = None
         self._segment_lines = 0
         self._load()
@@ -43,7 +44,8 @@ class PreferenceLedger:
             with open(seg, "rb") as f:
                 for raw in f:
                     try:
-                        pair_id = json.loads(raw)["id"]
+                        row = json.loads(raw)
+                        pair_id, split = row["id"], row.get("split", "train")
                     except (ValueError, KeyError):
                         log.warning("ledger %s: cutting a torn record at byte %d", seg.name, good_bytes)
                         break
@@ -52,6 +54,7 @@ class PreferenceLedger:
                     if pair_id not in self._ids:
                         self._ids.add(pair_id)
                         self._order.append(pair_id)
+                        self._split[pair_id] = split
             if good_bytes != seg.stat().st_size:
                 with open(seg, "r+b") as f:
                     f.truncate(good_bytes)
@@ -68,6 +71,9 @@ class PreferenceLedger:
     def ids(self) -> list[str]:
         """Pair ids in arrival order."""
         return list(self._order)
+
+    def split_of(self, pair_id: str) -> str:
+        return self._split[pair_id]
 
     def append(self, events: Iterable[PreferenceEvent]) -> int:
         """Durably append the events not seen before. Returns how many were new."""
@@ -88,6 +94,7 @@ class PreferenceLedger:
                 os.fsync(f.fileno())
             self._ids.update(fresh)
             self._order.extend(fresh)
+            self._split.update({i: e.split for i, e in fresh.items()})
             self._segment_lines += len(fresh)
             return len(fresh)
 

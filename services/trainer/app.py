@@ -1,0 +1,119 @@
+"""Trainer service: PreferenceEvents -> durable ledger (commit after fsync); a trigger starts
+one DPO run at a time in the background while consumption goes on."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import FastAPI, Header, HTTPException, status
+
+from services.trainer.ledger import PreferenceLedger
+from services.trainer.runner import TrainingRunner
+from services.trainer.settings import TrainerSettings
+from shared.kafka import ConsumeLoop, EventProducer, Received
+from shared.observability import health_router, new_registry
+from shared.registry import ModelRegistry
+from shared.service import LoopThreads
+from shared.topics import MODEL_UPDATES, PREFERENCES
+from shared.wire import PreferenceEvent, RunRecord, ServiceStatus, TrainAccepted
+
+log = logging.getLogger(__name__)
+
+
+class LedgerWriter:
+    """The consume handler: reject what must not become a label, append the rest durably."""
+
+    def __init__(self, ledger: PreferenceLedger, producer: EventProducer, dlq, max_chars: int) -> None:
+        self.ledger, self._producer, self._dlq, self._max = ledger, producer, dlq, max_chars
+
+    def handle(self, batch: list[Received[PreferenceEvent]]) -> None:
+        keep, dead = [], []
+        for r in batch:
+            e = r.event
+            longest = max(len(e.chosen), len(e.rejected), sum(len(m.content) for m in e.prompt_messages))
+            if longest > self._max:
+                dead.append(r.dead_letter("trainer", "validation",
+                                          f"preference text of {longest} chars exceeds the limit of {self._max}", 1))
+            else:
+                keep.append(e)
+        added = self.ledger.append(keep)  # fsynced before returning; only then does the loop commit
+        if dead:
+            self._producer.publish(self._dlq, dead)
+        log.info("ledger +%d new pairs (%d duplicates, %d rejected), %d total", added, len(keep) - added,
+                 len(dead), len(self.ledger))
+
+
+def create_app(settings: TrainerSettings) -> FastAPI:
+    metrics = new_registry()
+    prefix = settings.kafka.topic_prefix
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        producer = EventProducer(settings.kafka, "trainer")
+        ledger = PreferenceLedger(settings.ledger_dir)
+        runner = TrainingRunner(settings, ledger, ModelRegistry(settings.registry_dir), producer,
+                                MODEL_UPDATES.with_prefix(prefix), metrics)
+        writer = LedgerWriter(ledger, producer, PREFERENCES.with_prefix(prefix).dead_letter, settings.max_text_chars)
+        loops = LoopThreads()
+        loops.start(ConsumeLoop(PREFERENCES.with_prefix(prefix), group_id=settings.group_id, handler=writer.handle,
+                                kafka=settings.kafka, producer=producer, service="trainer",
+                                batch_size=settings.batch_size, batch_timeout_ms=settings.batch_timeout_ms,
+                                max_attempts=settings.max_attempts, shutdown_grace_s=settings.shutdown_grace_s,
+                                registry=metrics))
+        stop = threading.Event()
+
+        def trigger_loop() -> None:
+            while not stop.wait(settings.check_interval_s):
+                try:
+                    if not runner.busy and (reason := runner.trigger_reason()):
+                        runner.start_run(reason)
+                except Exception:  # noqa: BLE001 - the trigger must survive a bad check
+                    log.exception("trigger check failed")
+
+        threading.Thread(target=trigger_loop, name="trainer-trigger", daemon=True).start()
+        state.update(runner=runner, loops=loops, ledger=ledger)
+        try:
+            yield
+        finally:
+            stop.set()
+            loops.stop(settings.shutdown_grace_s)
+            producer.close()
+
+    app = FastAPI(title="prefloop trainer", lifespan=lifespan)
+
+    def ready() -> bool:
+        return bool(state.get("loops") and state["loops"].healthy)
+
+    app.include_router(health_router(metrics, ready, "trainer"))
+
+    @app.get("/runs")
+    def runs() -> list[RunRecord]:
+        return state["runner"].runs()
+
+    @app.get("/status")
+    def status_() -> ServiceStatus:
+        runner = state["runner"]
+        return ServiceStatus(service="trainer", ready=ready(), policy_version=runner.registry.current(),
+                             detail={"ledger_pairs": len(state["ledger"]), "new_pairs": len(runner.new_pair_ids()),
+                                     "training": int(runner.busy)})
+
+    @app.post("/train", status_code=status.HTTP_202_ACCEPTED, responses={401: {}, 409: {}, 503: {}})
+    def train(authorization: Annotated[str | None, Header()] = None) -> TrainAccepted:
+        if not settings.admin_key:
+            raise HTTPException(503, "POST /train is disabled: set PREFLOOP_TRAINER_ADMIN_KEY")
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(token.encode(), settings.admin_key.encode()):
+            raise HTTPException(401, "a valid admin bearer key is required")
+        runner = state["runner"]
+        if not runner.new_pair_ids():
+            raise HTTPException(409, "no new pairs to train on")
+        if not runner.start_run("POST /train"):
+            raise HTTPException(409, "a training run is already in progress")
+        return TrainAccepted(accepted=True, detail="training run started")
+
+    return app
