@@ -47,3 +47,31 @@ def test_broker_command_serves_metadata_with_every_topic_and_stops_on_sigterm(tm
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_ingest_publishes_deduped_split_prompts_and_reports_counts(kafka, tmp_path):
+    import json as _json
+    import os
+
+    from shared.topics import PROMPTS
+    from tests.helpers import read_events
+
+    src = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Question {i} about sleep?"} for i in range(30)] + [{"prompt": "Question 1 about sleep?"},
+                                                                              {"input": ""}]
+    src.write_text("\n".join(_json.dumps(r) for r in rows))
+    env = {**os.environ, "PREFLOOP_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+           "PREFLOOP_KAFKA_TOPIC_PREFIX": kafka.topic_prefix}
+    out = subprocess.run([PREFLOOP, "ingest", str(src), "--eval-fraction", "0.2"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = " ".join(out.stdout.split())
+    assert "usable 30" in text and "duplicates dropped 1" in text and "without a usable prompt 1" in text
+    assert "skipped row 32" in text
+    events = read_events(kafka.bootstrap_servers, PROMPTS.with_prefix(kafka.topic_prefix), 30)
+    assert len({e.id for e in events}) == 30 and {e.split for e in events} == {"train", "eval"}
+    assert all(e.messages[0].role == "system" for e in events)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    out = subprocess.run([PREFLOOP, "ingest", str(bad)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "bad.jsonl:2" in out.stdout
