@@ -63,6 +63,9 @@ def serve(service: str = typer.Argument(..., help="generator | judge | trainer |
     elif service == "judge":
         from services.judge.app import create_app
         from services.judge.settings import JudgeSettings as Settings
+    elif service == "gateway":
+        from services.gateway.app import create_app
+        from services.gateway.settings import GatewaySettings as Settings
     elif service == "trainer":
         from services.trainer.app import create_app
         from services.trainer.settings import TrainerSettings as Settings

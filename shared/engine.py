@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from shared.registry import ModelRegistry
 from shared.wire import Candidate, ChatMessage, SamplingParams
@@ -41,6 +43,43 @@ class GenerationResult:
     candidates: list[Candidate]
     truncated: bool = False
     error: str | None = None
+
+
+TokenCallback = Callable[[int, int, str], None]
+"""on_token(request index, choice index, text delta), called from the generating thread."""
+
+
+class _BatchStreamer(BaseStreamer):
+    """Streams every row of a batched generate: decodes each row incrementally and reports
+    text deltas per (request, choice). Rows that reached an end token stay silent."""
+
+    def __init__(self, tokenizer, rows: list[tuple[int, int]], eos: set[int], callback: TokenCallback) -> None:
+        self.tokenizer, self.rows, self.eos, self.callback = tokenizer, rows, eos, callback
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.sent = [""] * len(rows)
+        self.done = [False] * len(rows)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt ids
+            self.prompt_seen = True
+            return
+        for r, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[r]:
+                continue
+            if token in self.eos:
+                self.done[r] = True
+                continue
+            self.ids[r].append(token)
+            text = self.tokenizer.decode(self.ids[r], skip_special_tokens=True).strip()
+            if text.endswith("\ufffd") or not text.startswith(self.sent[r]):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            delta, self.sent[r] = text[len(self.sent[r]):], text
+            if delta:
+                self.callback(*self.rows[r], delta)
+
+    def end(self) -> None:
+        return None
 
 
 def pick_device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -101,7 +140,8 @@ class GenerationEngine:
             raise PromptTooLong(f"prompt is {len(ids)} tokens; at most {budget} fit with max_new_tokens={max_new_tokens}")
         return ids[-budget:], True
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], on_token: TokenCallback | None = None
+                 ) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, list[int], bool]]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -118,12 +158,16 @@ class GenerationEngine:
             per_batch = max(1, self.max_batch_size // n)
             for start in range(0, len(items), per_batch):
                 chunk = items[start:start + per_batch]
-                for (i, ids, truncated), cands in zip(chunk, self._generate_chunk([c[1] for c in chunk], sampling, n)):
+                rows = [(i, j) for i, _, _ in chunk for j in range(n)]
+                streamer = _BatchStreamer(self.tokenizer, rows, set(self.eos_ids), on_token) if on_token else None
+                outputs = self._generate_chunk([c[1] for c in chunk], sampling, n, streamer)
+                for (i, ids, truncated), cands in zip(chunk, outputs):
                     results[i] = GenerationResult(prompt_tokens=len(ids), candidates=cands, truncated=truncated)
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams, n: int) -> list[list[Candidate]]:
+    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams, n: int,
+                        streamer: BaseStreamer | None = None) -> list[list[Candidate]]:
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -135,7 +179,7 @@ class GenerationEngine:
                 input_ids=input_ids, attention_mask=attention, do_sample=True,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                 max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
-                eos_token_id=self.eos_ids, pad_token_id=pad,
+                eos_token_id=self.eos_ids, pad_token_id=pad, streamer=streamer,
             )
         new_tokens = out[:, width:].tolist()
         eos = set(self.eos_ids)

@@ -17,6 +17,12 @@ import pytest  # noqa: E402
 def tiny_registry(tmp_path_factory) -> Path:
     """The real tiny model, built once per session through the CLI exactly as a user would."""
     root = tmp_path_factory.mktemp("registry")
+    cached = os.environ.get("PREFLOOP_TEST_REUSE_REGISTRY")  # local iteration only; CI always bootstraps
+    if cached:
+        import shutil
+
+        shutil.copytree(cached, root, dirs_exist_ok=True)
+        return root
     prefloop = str(Path(sys.executable).with_name("prefloop"))
     out = subprocess.run([prefloop, "bootstrap", "--registry", str(root)], capture_output=True, text=True,
                          timeout=600)

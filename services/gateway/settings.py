@@ -1,6 +1,9 @@
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.prompts import SYSTEM_PROMPT
 from shared.settings import ServiceSettings
 
 
@@ -10,7 +13,26 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PREFLOOP_GATEWAY_", env_nested_delimiter="__", extra="ignore")
 
     group_id: str = "prefloop-gateway"
-    registry_dir: str = Field("var/registry", description="model registry root")
     http_port: int = 8000
+    registry_dir: str = Field("var/registry", description="model registry root")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys")
-    admin_key: str = Field("", repr=False)
+    api_keys_file: str = Field("", description="file with one bearer key per line (a mounted secret)")
+    admin_key: str = Field("", repr=False, description="bearer key for /admin/*")
+    default_system_prompt: str = Field(SYSTEM_PROMPT, description="added when a request has no system message")
+    max_n: int = Field(4, ge=1)
+    max_messages: int = Field(32, ge=1)
+    default_max_tokens: int = Field(128, ge=1)
+    max_tokens_cap: int = Field(512, ge=1)
+    requests_per_minute: int = Field(600, ge=1, description="per key")
+    feedback_per_minute: int = Field(60, ge=1, description="per key")
+    response_ttl_s: float = Field(3600.0, gt=0, description="how long served responses accept feedback")
+    max_batch_sequences: int = Field(32, ge=1, description="dynamic batching: sequences per generate call")
+    max_wait_ms: int = Field(15, ge=0, description="dynamic batching: wait to fill a batch")
+    outbox_dir: str = Field("var/gateway-outbox", description="durable feedback outbox when the broker is down")
+    outbox_retry_s: float = Field(2.0, gt=0)
+
+    def keys(self) -> list[str]:
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_keys_file:
+            keys += [line.strip() for line in Path(self.api_keys_file).read_text().splitlines() if line.strip()]
+        return keys

@@ -36,11 +36,12 @@ class EventProducer:
         headers = [("schema", type(event).__name__.encode()), ("schema_version", str(event.schema_version).encode())]
         return self._producer.send(topic.name, value=encode(event), key=(key or event.id).encode(), headers=headers)
 
-    def publish(self, topic: Topic, events: Iterable[Event], key: str | None = None) -> int:
+    def publish(self, topic: Topic, events: Iterable[Event], key: str | None = None,
+                timeout_s: float | None = None) -> int:
         """Send events and block until every one is acknowledged (raises on any failure)."""
         futures = [self.send(topic, event, key) for event in events]
         for future in futures:
-            future.get(timeout=self._settings.produce_timeout_s)
+            future.get(timeout=timeout_s or self._settings.produce_timeout_s)
         return len(futures)
 
     def flush(self, timeout_s: float | None = None) -> None:
