@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -173,25 +174,76 @@ def models(registry: Path = REGISTRY_OPTION) -> None:
     console.print(table)
 
 
+def _sigterm_as_interrupt() -> None:
+    def handler(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-out"), help="directory for report.json and logs"),
-    rounds: int = typer.Option(2, min=1, help="feedback rounds"),
+    out: Path = typer.Option(Path("demo-out"), help="directory for report.json, report.md, plots and logs"),
+    rounds: int = typer.Option(2, min=1, help="training rounds (users give feedback between rounds)"),
+    prompts: int = typer.Option(200, min=16, help="demo prompts to ingest"),
 ) -> None:
-    """Run the whole loop once on the embedded default and write DIR/report.json."""
+    """Run the flywheel on the embedded default and write DIR/report.json, report.md and plots.
+    Exit code 0 only if a new version was promoted and the gateway serves it."""
     from prefloop.demo import run_demo
 
-    configure_logging(LogSettings(), "demo")
-    report = run_demo(out, rounds)
-    table = Table("stage", "status")
-    for stage in report.stages_done:
-        table.add_row(stage, "[green]done")
-    for stage in report.stages_missing:
-        table.add_row(stage, "[yellow]not built yet")
+    configure_logging(LogSettings(level="WARNING"), "demo")
+    _sigterm_as_interrupt()
+    try:
+        report, ok = run_demo(out, rounds, prompts, lambda msg: console.print(f"[dim]{time.strftime('%X')}[/dim] {msg}"))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process started by the demo was stopped[/yellow]")
+        raise typer.Exit(code=130)
+    table = Table("version", "parent", "kind", "promoted", "win rate vs parent", "safety", "perplexity", "pairs",
+                  title=f"prefloop demo: {report.elapsed_s}s, gateway serves {report.served_version}")
+    for v in report.versions:
+        table.add_row(v["version"], v["parent"] or "-", v["kind"], "yes" if v["promoted"] else "no",
+                      str(v["win_rate_vs_parent"]), str(v["safety_mean"]), str(v["perplexity_change"]),
+                      str(v["pairs_trained"]))
     console.print(table)
-    console.print(f"report: {out / 'report.json'} ({report.elapsed_s}s)")
+    console.print(f"prompts {report.prompts_ingested}, candidates {report.candidates}, preferences "
+                  f"{report.preferences} (judge {report.judge_preferences}, users {report.user_preferences}), "
+                  f"abstentions {report.abstentions}, feedback {report.feedback_events}, "
+                  f"dead letters {report.dead_letters}")
+    console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, plots in {out / 'plots'}")
+    if not ok:
+        console.print("[red]no new version was promoted and served[/red]")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def up(
+    state: Path = typer.Option(Path("var/up"), help="registry, ledger, logs"),
+    port: int = typer.Option(8000, help="gateway port on 127.0.0.1"),
+) -> None:
+    """Run the whole stack (broker + four services) until Ctrl-C, and print how to chat."""
+    from prefloop.stack import Stack
+
+    configure_logging(LogSettings(level="WARNING"), "up")
+    _sigterm_as_interrupt()
+    stack = Stack(state, gateway_port=port)
+    try:
+        stack.start(lambda msg: console.print(f"[dim]{msg}[/dim]"))
+        print(f"Chat page: {stack.url('gateway')}/", flush=True)
+        print(f"API key: {stack.api_key}", flush=True)
+        while stack.alive():
+            time.sleep(0.5)
+        console.print("[red]a process of the stack exited; stopping[/red]")
+        raise typer.Exit(code=1)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        stack.stop()
 
 
 def main() -> None:  # pragma: no cover - console entry
     logging.captureWarnings(True)
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -43,8 +43,10 @@ def configure_logging(settings: LogSettings, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
-    for noisy in ("kafka", "httpx", "urllib3"):
+    for noisy in ("httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # kafka-python logs routine reconnects at ERROR; only its critical messages are news here.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL if root.level >= logging.WARNING else logging.WARNING)
 
 
 def new_registry() -> CollectorRegistry:

@@ -6,9 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from kafka import KafkaConsumer, TopicPartition
-
-from shared.kafka.codec import decode
+from shared.kafka import reader
 from shared.topics import Topic
 from shared.wire import ChatMessage, PromptEvent
 
@@ -28,26 +26,12 @@ def wait_for(condition: Callable[[], T], timeout_s: float = 30.0, what: str = "c
 
 
 def read_records(bootstrap: str, topic: Topic, count: int, timeout_s: float = 20.0) -> list:
-    """Read raw records from the beginning of `topic` (no group, no commits) until `count`
-    arrived. Does not rely on end_offsets (wrong on Tansu)."""
-    consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False)
-    try:
-        parts = wait_for(lambda: consumer.partitions_for_topic(topic.name), 10, f"metadata for {topic.name}")
-        tps = [TopicPartition(topic.name, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out: list = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < count and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                out.extend(records)
-        return out
-    finally:
-        consumer.close()
+    """Raw records from the beginning of `topic` until `count` arrived (or the timeout)."""
+    return reader.read_records(bootstrap, topic, count, timeout_s)
 
 
 def read_events(bootstrap: str, topic: Topic, count: int, timeout_s: float = 20.0) -> list:
-    return [decode(topic, r.value) for r in read_records(bootstrap, topic, count, timeout_s)]
+    return reader.read_events(bootstrap, topic, count, timeout_s)
 
 
 def prompt(text: str, **kw) -> PromptEvent:

@@ -19,11 +19,14 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from datasets.utils.logging import disable_progress_bar
+from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 log = logging.getLogger(__name__)
+disable_progress_bar()  # services log; they do not draw progress bars
 TINY_BASE = "prefloop-tiny-llama"
-TINY_LEARNING_RATE = 2e-3
+TINY_LEARNING_RATE = 1e-3
 """The tiny offline model (2M parameters, a few dozen steps per run) needs a much larger step
 than seed 001's 5e-5 for Llama-3-8B to move at all; used when the parent is the tiny model."""
 
@@ -117,6 +120,7 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     started = time.monotonic()
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train, processing_class=tok,
                          peft_config=peft_config, callbacks=[_MetricsFile(run_dir / "metrics.jsonl")])
+    trainer.remove_callback(PrinterCallback)  # metrics go to our log/metrics file, not stdout
     trainer.train()
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # the adapter only

@@ -120,7 +120,7 @@ class TrainingRunner:
         older = [e for i, e in events.items() if e.split == "train" and i not in set(new_ids) and fresh_enough(e)]
         rng = random.Random(f"{self.settings.seed}-{len(self.runs())}")
         replay = rng.sample(older, min(len(older), int(len(new) * self.settings.replay_fraction)))
-        return new + replay, len(replay), heldout[-self.settings.heldout_pairs:]
+        return new + replay, len(replay), (heldout[-self.settings.heldout_pairs:] if self.settings.heldout_pairs else [])
 
     def eval_prompts(self, heldout: list[PreferenceEvent]) -> list[EvalPrompt]:
         seen, prompts = set(), []

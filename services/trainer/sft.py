@@ -12,9 +12,12 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from datasets.utils.logging import disable_progress_bar
+from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 log = logging.getLogger(__name__)
+disable_progress_bar()  # services log; they do not draw progress bars
 ALL_PROJECTIONS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -83,6 +86,7 @@ def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, o
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(conversations),
                          processing_class=tokenizer,
                          peft_config=config.lora.to_peft() if config.lora else None)
+    trainer.remove_callback(PrinterCallback)  # metrics go to our log/metrics file, not stdout
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     trained = trainer.model

@@ -1,0 +1,126 @@
+"""The local stack: embedded broker, tiny model, and the four services started as separate
+processes with the same commands an operator uses (`prefloop serve NAME`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from shared.broker import EmbeddedBroker, free_port
+from shared.registry import ModelRegistry
+from shared.settings import KafkaSettings
+from shared.topics import all_topics_with_dlq
+
+log = logging.getLogger(__name__)
+SERVICES = ("generator", "judge", "trainer", "gateway")
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    trainer_env: dict[str, str] = field(default_factory=dict)
+    gateway_port: int = 0
+    broker: EmbeddedBroker | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    api_key: str = field(default_factory=lambda: "sk-demo-" + secrets.token_hex(8))
+    admin_key: str = field(default_factory=lambda: "admin-" + secrets.token_hex(8))
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.workdir / "registry")
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        assert self.broker is not None
+        return KafkaSettings(bootstrap_servers=self.broker.bootstrap)
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+    def start(self, on_progress=lambda msg: None) -> "Stack":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        self.broker = EmbeddedBroker(log_file=self.workdir / "logs" / "broker.log")
+        self.broker.start(topics=all_topics_with_dlq())
+        on_progress(f"broker ready on {self.broker.bootstrap}")
+        if self.registry.current() is None:
+            on_progress("bootstrapping the tiny model (about a minute on 2 cores)")
+            from services.trainer.bootstrap import bootstrap_tiny
+
+            meta = bootstrap_tiny(self.registry)
+            on_progress(f"bootstrapped {meta.version}")
+        for name in SERVICES:
+            self._spawn(name)
+        self.wait_ready(on_progress)
+        return self
+
+    def _env(self, name: str) -> dict[str, str]:
+        w = self.workdir
+        p = f"PREFLOOP_{name.upper()}_"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PREFLOOP_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap, "PREFLOOP_KAFKA_TOPIC_PREFIX": "",
+               f"{p}HTTP_PORT": str(self.ports[name]), f"{p}REGISTRY_DIR": str(w / "registry")}
+        env.setdefault("PREFLOOP_JUDGE_BACKEND", "rubric")
+        if name == "judge":
+            env[f"{p}CACHE_PATH"] = str(w / "judge-cache.sqlite")
+        if name == "trainer":
+            env.update({f"{p}LEDGER_DIR": str(w / "ledger"), f"{p}RUNS_DIR": str(w / "runs"),
+                        f"{p}ADMIN_KEY": self.admin_key, **self.trainer_env})
+        if name == "gateway":
+            env.update({f"{p}API_KEYS": self.api_key, f"{p}ADMIN_KEY": self.admin_key,
+                        f"{p}OUTBOX_DIR": str(w / "gateway-outbox")})
+        return env
+
+    def _spawn(self, name: str) -> None:
+        self.ports[name] = self.gateway_port if (name == "gateway" and self.gateway_port) else free_port()
+        logfile = open(self.workdir / "logs" / f"{name}.log", "ab")
+        script = Path(sys.executable).with_name("prefloop")
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "prefloop.cli"]
+        self.procs[name] = subprocess.Popen([*command, "serve", name],
+                                            env=self._env(name), stdout=logfile, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def wait_ready(self, on_progress, timeout_s: float = 300) -> None:
+        pending = set(SERVICES)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for name in sorted(pending):
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir}/logs/{name}.log")
+                try:
+                    if httpx.get(f"{self.url(name)}/readyz", timeout=2).status_code == 200:
+                        pending.discard(name)
+                        on_progress(f"{name} ready on {self.url(name)}")
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout_s}s: {sorted(pending)}")
+            time.sleep(0.3)
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs.values()) and bool(self.broker and self.broker.running)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self.broker is not None:
+            self.broker.stop()
