@@ -1,0 +1,68 @@
+"""The closed loop as a user runs it: `prefloop demo` (a shorter configuration) and `prefloop up`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import httpx
+import psutil
+
+from services.trainer.ledger import PreferenceLedger
+from shared.broker import free_port
+from tests.helpers import wait_for
+from tests.integration.procs import PREFLOOP
+
+
+def test_demo_promotes_a_better_version_that_the_gateway_serves(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([PREFLOOP, "demo", "--out", str(out), "--rounds", "2", "--prompts", "160"],
+                          capture_output=True, text=True, timeout=1500)
+    report = json.loads((out / "report.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    promoted = [v for v in report["versions"] if v["kind"] == "dpo" and v["promoted"]]
+    assert promoted and report["served_version"] == promoted[-1]["version"]
+    # promoted only because it beat its parent under the judge (both orders)
+    assert all(v["win_rate_vs_parent"] >= 0.55 and not v["gate_reasons"] or
+               all(r.startswith("flag:") for r in v["gate_reasons"]) for v in promoted)
+    rejected = [v for v in report["versions"] if v["kind"] == "dpo" and not v["promoted"]]
+    assert all(v["gate_reasons"] for v in rejected)  # every rejection says why
+    assert report["prompts_ingested"] == 160 and report["candidates"] >= 160
+    assert report["judge_preferences"] > 0 and report["user_preferences"] > 0 and report["feedback_events"] > 0
+    assert report["dead_letters"] == 0, report["dead_letter_reasons"]
+    ledger = PreferenceLedger(out / "state" / "ledger")
+    assert sum(e.source == "user" for e in ledger.events()) == report["user_preferences"]
+    assert (out / "report.md").exists() and (out / "plots" / "versions.png").exists()
+    assert list((out / "plots").glob("training_*.png"))
+
+
+def test_up_serves_the_chat_page_and_ctrl_c_leaves_no_process(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([PREFLOOP, "up", "--state", str(tmp_path / "up"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        def announced():
+            line = proc.stdout.readline()
+            lines.append(line)
+            return any(x.startswith("API key: ") for x in lines) or proc.poll() is not None
+
+        wait_for(announced, 600, "the chat page announcement", interval_s=0)
+        assert f"Chat page: http://127.0.0.1:{port}/\n" in lines, lines[-20:]
+        key = next(x for x in lines if x.startswith("API key: ")).split(": ", 1)[1].strip()
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "prefloop" in page.text and "/v1/chat/completions" in page.text
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                           headers={"Authorization": f"Bearer {key}"},
+                           json={"messages": [{"role": "user", "content": "Hello, I feel tired."}], "max_tokens": 16})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 5  # broker + four services
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
