@@ -174,6 +174,56 @@ def models(registry: Path = REGISTRY_OPTION) -> None:
     console.print(table)
 
 
+@app.command("eval")
+def eval_(
+    a: str = typer.Option(..., "--a", help="candidate version (e.g. v0003)"),
+    b: str = typer.Option(..., "--b", help="baseline version (e.g. v0001)"),
+    prompts: Optional[Path] = typer.Option(None, help="prompt file (default: the shipped demo prompts' eval split)"),
+    limit: int = typer.Option(64, min=1, help="prompts to compare on"),
+    registry: Path = REGISTRY_OPTION,
+    out: Path = typer.Option(Path("eval-out"), help="eval.json and blinded_for_raters.csv go here"),
+) -> None:
+    """Both versions answer held-out prompts; the judge (PREFLOOP_JUDGE_*) compares them in both
+    orders. Prints win rate with a 95% CI, abstain rate, rubric means, BLEU and lengths."""
+    import asyncio  # noqa: F401  (the judge runs on asyncio)
+    import json
+
+    from shared.engine import GenerationEngine
+    from shared.evaluation import EvalPrompt, compare
+    from shared.judging.pairwise import PairwiseJudge
+    from shared.judging.settings import JudgeBackendSettings
+    from shared.judging.stats import JudgeStats
+    from shared.observability import new_registry
+    from shared.prompts import DEMO_PROMPTS, build_events
+    from shared.registry import ModelRegistry
+
+    configure_logging(LogSettings(level="WARNING"), "eval")
+    reg = ModelRegistry(registry)
+    events, _ = build_events(str(prompts or DEMO_PROMPTS), eval_fraction=0.2 if prompts is None else 1.0)
+    held = [EvalPrompt(e.messages, e.reference_answer) for e in events if e.split == "eval"][:limit]
+    judge_settings = JudgeBackendSettings()
+    judge = PairwiseJudge(judge_settings.make_backend(), None, JudgeStats(new_registry()))
+    result = compare(GenerationEngine.from_registry(reg, a), GenerationEngine.from_registry(reg, b), held, judge)
+    low, high = result.win_rate_ci95()
+    table = Table("criterion", a, b, title=f"{a} vs {b} on {result.prompts} prompts ({judge_settings.judge_id})")
+    for criterion in ("correctness", "clarity", "safety", "empathy"):
+        table.add_row(criterion, str(result.rubric[a].get(criterion)), str(result.rubric[b].get(criterion)))
+    table.add_row("mean tokens", str(result.mean_tokens[a]), str(result.mean_tokens[b]))
+    if result.bleu:
+        table.add_row("BLEU vs reference", str(result.bleu[a]), str(result.bleu[b]))
+    console.print(table)
+    console.print(f"win rate of {a} over {b}: {result.win_rate:.3f} (95% CI {low:.3f}-{high:.3f}; "
+                  f"{result.wins} wins, {result.losses} losses), abstain rate {result.abstain_rate:.3f}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({
+        "a": a, "b": b, "prompts": result.prompts, "wins": result.wins, "losses": result.losses,
+        "abstentions": result.abstentions, "win_rate": result.win_rate, "win_rate_ci95": [low, high],
+        "abstain_rate": result.abstain_rate, "rubric": result.rubric, "mean_tokens": result.mean_tokens,
+        "bleu": result.bleu, "judge": judge_settings.judge_id}, indent=2))
+    result.write_blinded_csv(out / "blinded_for_raters.csv")
+    console.print(f"wrote {out / 'eval.json'} and {out / 'blinded_for_raters.csv'}")
+
+
 def _sigterm_as_interrupt() -> None:
     def handler(*_):
         raise KeyboardInterrupt

@@ -88,9 +88,14 @@ def _mean_scores(scores: list[RubricScores]) -> dict[str, float]:
 def compare(candidate: GenerationEngine, baseline: GenerationEngine, prompts: list[EvalPrompt],
             judge: PairwiseJudge, sampling: SamplingParams | None = None, seed: int = 1234) -> Comparison:
     sampling = sampling or SamplingParams(max_new_tokens=128)
-    requests = [GenerationRequest(p.messages, sampling.model_copy(update={"seed": seed + i}), n=1)
+
+    def requests(offset: int) -> list[GenerationRequest]:
+        return [GenerationRequest(p.messages, sampling.model_copy(update={"seed": seed + offset + i}), n=1)
                 for i, p in enumerate(prompts)]
-    cand_out, base_out = candidate.generate(requests), baseline.generate(requests)
+
+    # Independent seeds per model: with a shared seed, two close models mostly emit the same
+    # text and the verdict would rest on a handful of prompts. Reproducible all the same.
+    cand_out, base_out = candidate.generate(requests(0)), baseline.generate(requests(len(prompts)))
     result = Comparison(candidate=candidate.version, baseline=baseline.version, prompts=len(prompts))
 
     async def judge_all():

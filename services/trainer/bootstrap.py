@@ -55,13 +55,17 @@ class TinyModelSpec:
     seed: int = 7
 
 
-def load_conversations(split: str = "train", path: Path = DATA) -> list[dict]:
-    """The shipped SFT conversations: `train` (about 90%) or `heldout` (the rest, never trained on,
-    the trainer's forgetting-guard reference set). The split is a deterministic content hash."""
+def load_conversations(split: str = "train", path: Path = DATA, quality: str | None = None) -> list[dict]:
+    """The shipped SFT conversations ({"messages": [...]}): `train` (about 90%) or `heldout`
+    (the rest, never trained on). The split is a deterministic content hash. `quality="good"`
+    keeps only the exchanges we want the model to keep doing: the trainer's forgetting-guard
+    reference set (perplexity on the deliberately poor ones is meant to rise)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     wanted = "eval" if split == "heldout" else "train"
-    return [r for r in rows if split_for(content_id("sft", r["messages"]), HELDOUT_FRACTION) == wanted]
+    return [{"messages": r["messages"]} for r in rows
+            if split_for(content_id("sft", r["messages"]), HELDOUT_FRACTION) == wanted
+            and (quality is None or r.get("quality") == quality)]
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

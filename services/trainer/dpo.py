@@ -26,7 +26,7 @@ from trl import DPOConfig, DPOTrainer
 log = logging.getLogger(__name__)
 disable_progress_bar()  # services log; they do not draw progress bars
 TINY_BASE = "prefloop-tiny-llama"
-TINY_LEARNING_RATE = 1e-3
+TINY_LEARNING_RATE = 2e-3
 """The tiny offline model (2M parameters, a few dozen steps per run) needs a much larger step
 than seed 001's 5e-5 for Llama-3-8B to move at all; used when the parent is the tiny model."""
 

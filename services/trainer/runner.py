@@ -173,7 +173,7 @@ class TrainingRunner:
             judge = PairwiseJudge(s.judge.make_backend(), None, JudgeStats(new_registry()))
             gate = evaluate_gate(new, parent_engine, settings=s, judge=judge, prompts=self.eval_prompts(heldout),
                                  heldout=heldout,
-                                 reference_set=[c["messages"] for c in load_conversations("heldout")],
+                                 reference_set=[c["messages"] for c in load_conversations("heldout", quality="good")],
                                  history=dpo.history, pairs_trained=len(train))
             gate.comparison.write_blinded_csv(run_dir / "blinded_eval.csv")
             self.registry.annotate(meta.version, eval_summary=gate.summary.model_dump(mode="json"),

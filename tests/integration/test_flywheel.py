@@ -36,6 +36,17 @@ def test_demo_promotes_a_better_version_that_the_gateway_serves(tmp_path):
     assert (out / "report.md").exists() and (out / "plots" / "versions.png").exists()
     assert list((out / "plots").glob("training_*.png"))
 
+    best = promoted[-1]["version"]
+    ev = subprocess.run([PREFLOOP, "eval", "--a", best, "--b", promoted[-1]["parent"], "--registry",
+                         str(out / "state" / "registry"), "--out", str(tmp_path / "eval"), "--limit", "24"],
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["prompts"] == 24 and set(result["rubric"]) == {best, promoted[-1]["parent"]}
+    assert 0 <= result["win_rate_ci95"][0] <= result["win_rate"] <= result["win_rate_ci95"][1] <= 1
+    rows = (tmp_path / "eval" / "blinded_for_raters.csv").read_text().splitlines()
+    assert rows[0] == "prompt,answer_1,answer_2,hidden_key" and len(rows) >= 25
+
 
 def test_up_serves_the_chat_page_and_ctrl_c_leaves_no_process(tmp_path):
     port = free_port()

@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BAD_SHARE = 0.4  # share of deliberately poor SFT answers: what DPO has to unlearn
 SYSTEM = ("You are a helpful and empathetic medical assistant. Provide a clear, safe, and informative response "
           "to the user's question. Always advise the user to consult a professional healthcare provider for "
           "personal medical advice or diagnosis.")
@@ -111,9 +112,11 @@ def main(seed: int = 7) -> None:
     for topic, facts, pro in TOPICS:
         for ask in ASK:
             question = ask.format(t=topic)
-            answer = bad_answer(rng, facts) if rng.random() < 0.25 else good_answer(rng, facts, pro)
+            poor = rng.random() < BAD_SHARE
+            answer = bad_answer(rng, facts) if poor else good_answer(rng, facts, pro)
             rows.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
-                                      {"role": "assistant", "content": answer}]})
+                                      {"role": "assistant", "content": answer}],
+                         "quality": "poor" if poor else "good"})
     rng.shuffle(rows)
     with open(HERE / "sft_conversations.jsonl", "w") as f:
         for row in rows:
