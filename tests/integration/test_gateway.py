@@ -176,3 +176,31 @@ def test_admin_rollback_and_reload(gateway, registry_copy):
     assert admin.post("/admin/rollback").json()["served_version"] == "v0001"
     assert registry_copy.current() == "v0001"
     assert admin.post("/admin/rollback").status_code == 409
+
+
+def test_feedback_survives_a_broker_outage_through_the_outbox(tmp_path, registry_copy):
+    from shared.broker import EmbeddedBroker
+    from shared.settings import KafkaSettings
+    from shared.topics import all_topics_with_dlq
+
+    broker = EmbeddedBroker(log_file=tmp_path / "outage-broker.log").start(topics=all_topics_with_dlq())
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
+    gw = ServiceProcess("gateway", kafka, tmp_path, registry_dir=registry_copy.root, api_keys=KEY,
+                        outbox_dir=tmp_path / "outbox", outbox_retry_s=0.5, default_max_tokens=24).start()
+    try:
+        two = client(gw).chat.completions.create(model="prefloop", messages=ask(), n=2, temperature=1.0)
+        if two.choices[0].message.content.strip() == two.choices[1].message.content.strip():
+            pytest.skip("the tiny model sampled two identical answers")  # pragma: no cover
+        broker.stop()
+        r = httpx.post(f"{gw.url}/v1/feedback", json={"response_id": two.id, "preferred_index": 0},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        assert (tmp_path / "outbox" / "outbox.jsonl").read_text().count("\n") == 2  # feedback + preference
+        broker = EmbeddedBroker(port=broker.port, log_file=tmp_path / "outage-broker.log")
+        broker.start(topics=all_topics_with_dlq())
+        pref = wait_for(lambda: read_events(broker.bootstrap, PREFERENCES, 1, 2), 120, "the queued preference")[0]
+        assert pref.source == "user" and pref.chosen == two.choices[0].message.content
+        wait_for(lambda: (tmp_path / "outbox" / "outbox.jsonl").read_text() == "", 60, "the outbox to empty")
+    finally:
+        gw.kill()
+        broker.stop()
