@@ -147,6 +147,7 @@ def bootstrap(
     base: Optional[str] = typer.Option(None, help="real HF model (path or hub name): LoRA SFT on it instead"),
     seed: int = typer.Option(7, help="seed for the offline tiny model"),
     steps: int = typer.Option(120, min=1, help="SFT steps for the offline tiny model"),
+    if_empty: bool = typer.Option(False, help="do nothing if the registry already has a current version"),
 ) -> None:
     """Build and register the first model version (offline tiny Llama, or SFT on --base)."""
     from services.trainer.bootstrap import TinyModelSpec, bootstrap_from_base, bootstrap_tiny
@@ -154,6 +155,9 @@ def bootstrap(
 
     configure_logging(LogSettings(), "bootstrap")
     reg = ModelRegistry(registry)
+    if if_empty and reg.current():
+        console.print(f"registry {reg.root} already serves {reg.current()}; nothing to do")
+        return
     meta = bootstrap_from_base(reg, base) if base else bootstrap_tiny(reg, TinyModelSpec(seed=seed, sft_steps=steps))
     losses = meta.metrics["sft_losses"]
     console.print(f"registered {meta.version} ({meta.kind}) in {reg.root}: SFT loss {losses[0]:.3f} -> "

@@ -37,7 +37,11 @@ class ServiceProcess:
         self.proc = subprocess.Popen([PREFLOOP, "serve", self.name], env=self.env, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT)
         if wait_ready:
-            wait_for(self.is_ready, timeout_s, f"{self.name} ready (log: {self.log})", interval_s=0.2)
+            try:
+                wait_for(self.is_ready, timeout_s, f"{self.name} ready (log: {self.log})", interval_s=0.2)
+            except BaseException:
+                self.kill()  # never leave a half-started service behind
+                raise
         return self
 
     def is_ready(self) -> bool:

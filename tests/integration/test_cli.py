@@ -75,3 +75,10 @@ def test_ingest_publishes_deduped_split_prompts_and_reports_counts(kafka, tmp_pa
     bad.write_text('{"prompt": "ok"}\nnot json\n')
     out = subprocess.run([PREFLOOP, "ingest", str(bad)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "bad.jsonl:2" in out.stdout
+
+
+def test_the_judge_service_never_imports_torch():
+    code = ("import sys, prefloop.cli, services.judge.app, services.judge.service, shared.judging.pairwise; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
