@@ -74,10 +74,11 @@ class Demo:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             cands = self._count(CANDIDATES)
-            judged = (len(self._count(PREFERENCES)) - self.report.user_preferences + len(self._count(ABSTENTIONS))
+            pref_records = self._count(PREFERENCES)
+            judged = (len(pref_records) - self.report.user_preferences + len(self._count(ABSTENTIONS))
                       + len(self._count(CANDIDATES.dead_letter)))
             status = httpx.get(f"{self.stack.url('trainer')}/status", timeout=10).json()["detail"]
-            prefs = {p.id for p in self._count(PREFERENCES)}
+            prefs = {p.id for p in pref_records}
             self.say(f"  candidates {len(cands)}/{self.expected_candidates}, judged {judged}, "
                      f"ledger {status['ledger_pairs']}/{len(prefs)}")
             if len(cands) >= self.expected_candidates and judged >= len(cands) and status["ledger_pairs"] >= len(prefs):

@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -156,12 +157,8 @@ class TrainingRunner:
                                                "pairs_replay": n_replay})
             parent_meta = self.registry.get(parent)
             parent_path = self.registry.verified_path(parent)
-            config = DPOJobConfig(beta=s.beta, learning_rate=s.learning_rate, num_train_epochs=s.num_train_epochs,
-                                  max_steps=s.max_steps, per_device_train_batch_size=s.per_device_train_batch_size,
-                                  gradient_accumulation_steps=s.gradient_accumulation_steps,
-                                  max_length=s.max_length, lora_r=s.lora_r, lora_alpha=s.lora_alpha,
-                                  lora_target_modules=s.lora_target_modules, quantization=s.quantization,
-                                  precompute_ref_log_probs=s.precompute_ref_log_probs, seed=s.seed)
+            # TrainerSettings carries the DPO fields under the same names.
+            config = DPOJobConfig(**{f.name: getattr(s, f.name) for f in fields(DPOJobConfig) if hasattr(s, f.name)})
             dpo = run_dpo(parent_path, [to_trl_row(e) for e in train], config, run_dir, parent_meta.base_model)
             merged, tok = merge_adapter(parent_path, dpo.adapter_dir)
             meta = self.registry.save(merged, tok, kind="dpo", parent=parent, base_model=parent_meta.base_model,
