@@ -17,5 +17,16 @@ if [[ "$extras" != "judge" && "$extras" != "broker" ]]; then
 fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]" 2>&1 | { grep -v "is ignored" || true; }
 .venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check; exit 1; }
+if [[ "$extras" == "test" ]]; then
+  # checkov pins old versions of packaging, networkx and more: it gets a venv of its own.
+  [ -x .venv-checkov/bin/python ] || "$python" -m venv .venv-checkov
+  .venv-checkov/bin/python -m pip install -q checkov==3.3.30 2>&1 | { grep -v "is ignored" || true; }
+  # The browser test drives Debian's chromium (Playwright cannot download its own browser here).
+  if [ ! -x /usr/bin/chromium ]; then
+    sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+    $sudo_ apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q chromium >/dev/null; }
+  fi
+fi
 .venv/bin/prefloop --help >/dev/null
 echo "prefloop installed in .venv (extras: $extras)"

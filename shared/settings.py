@@ -5,6 +5,7 @@ are read once from `PREFLOOP_KAFKA_*` / `PREFLOOP_LOG_*` so one variable configu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -48,3 +49,20 @@ class ServiceSettings(BaseSettings):
     batch_timeout_ms: int = Field(200, ge=0, description="max wait to fill a batch")
     max_attempts: int = Field(3, ge=1, description="handler attempts before dead-lettering")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time an in-flight batch gets to finish on SIGTERM")
+
+
+def secret_from_file(value: str, path: str, variable: str) -> str:
+    """The secret itself, or the content of the file that holds it (a mounted k8s Secret or a
+    compose secret), so keys need not sit in the environment. Both set and different is an error
+    (equal is allowed: nested settings are validated again with the value already filled in)."""
+    if not path:
+        return value
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{variable}_FILE={path}: cannot read the secret file ({exc.strerror})") from None
+    if not secret:
+        raise ValueError(f"{variable}_FILE={path}: the secret file is empty")
+    if value and value != secret:
+        raise ValueError(f"set {variable} or {variable}_FILE, not both")
+    return secret

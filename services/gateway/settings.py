@@ -1,10 +1,10 @@
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.prompts import SYSTEM_PROMPT
-from shared.settings import ServiceSettings
+from shared.settings import ServiceSettings, secret_from_file
 
 
 class GatewaySettings(ServiceSettings):
@@ -18,6 +18,7 @@ class GatewaySettings(ServiceSettings):
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys")
     api_keys_file: str = Field("", description="file with one bearer key per line (a mounted secret)")
     admin_key: str = Field("", repr=False, description="bearer key for /admin/*")
+    admin_key_file: str = Field("", description="file holding the admin key (a mounted secret)")
     default_system_prompt: str = Field(SYSTEM_PROMPT, description="added when a request has no system message")
     max_n: int = Field(4, ge=1)
     max_messages: int = Field(32, ge=1)
@@ -30,6 +31,11 @@ class GatewaySettings(ServiceSettings):
     max_wait_ms: int = Field(15, ge=0, description="dynamic batching: wait to fill a batch")
     outbox_dir: str = Field("var/gateway-outbox", description="durable feedback outbox when the broker is down")
     outbox_retry_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _admin_key_from_file(self):
+        self.admin_key = secret_from_file(self.admin_key, self.admin_key_file, "PREFLOOP_GATEWAY_ADMIN_KEY")
+        return self
 
     def keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]

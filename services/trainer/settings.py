@@ -1,10 +1,10 @@
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.judging.settings import JudgeBackendSettings
-from shared.settings import ServiceSettings
+from shared.settings import ServiceSettings, secret_from_file
 
 
 class TrainerSettings(ServiceSettings):
@@ -19,6 +19,7 @@ class TrainerSettings(ServiceSettings):
     ledger_dir: str = Field("var/ledger", description="durable preference ledger")
     runs_dir: str = Field("var/runs", description="per-run metrics, plots, adapters")
     admin_key: str = Field("", repr=False, description="bearer key for POST /train")
+    admin_key_file: str = Field("", description="file holding the admin key (a mounted secret)")
     batch_size: int = Field(64, ge=1)
     batch_timeout_ms: int = Field(500, ge=0)
     max_text_chars: int = Field(16_000, ge=1, description="longer prompts/answers are dead-lettered")
@@ -54,3 +55,8 @@ class TrainerSettings(ServiceSettings):
     heldout_pairs: int = Field(64, ge=0, description="held-out ledger pairs for preference accuracy")
     reward_hack_window: int = Field(5, ge=1, description="flag runs at reward accuracy 1.0 over the first N logs")
     judge: JudgeBackendSettings = Field(default_factory=JudgeBackendSettings)
+
+    @model_validator(mode="after")
+    def _admin_key_from_file(self):
+        self.admin_key = secret_from_file(self.admin_key, self.admin_key_file, "PREFLOOP_TRAINER_ADMIN_KEY")
+        return self

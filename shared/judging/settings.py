@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.settings import secret_from_file
+
 
 class JudgeBackendSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFLOOP_JUDGE_", extra="ignore")
@@ -16,6 +18,7 @@ class JudgeBackendSettings(BaseSettings):
     base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint")
     model: str = "gpt-4o-mini"
     api_key: str = Field("", repr=False, description="judge API key (env or k8s Secret); never logged")
+    api_key_file: str = Field("", description="file holding the judge API key (a mounted secret)")
     structured_output: Literal["json_schema", "json_object"] = Field(
         "json_schema", description="ask for JSON-schema output; falls back to json_object if refused")
     temperature: float = 0.0
@@ -28,6 +31,7 @@ class JudgeBackendSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _needs_key(self):
+        self.api_key = secret_from_file(self.api_key, self.api_key_file, "PREFLOOP_JUDGE_API_KEY")
         if self.backend == "openai" and not self.api_key:
             raise ValueError("PREFLOOP_JUDGE_BACKEND=openai needs PREFLOOP_JUDGE_API_KEY (the endpoint's key); "
                              "set it, or use PREFLOOP_JUDGE_BACKEND=rubric for the offline stand-in")

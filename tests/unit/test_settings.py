@@ -1,3 +1,6 @@
+import pytest
+from pydantic import ValidationError
+
 from services.gateway.settings import GatewaySettings
 from services.generator.settings import GeneratorSettings
 from services.judge.settings import JudgeSettings
@@ -26,3 +29,30 @@ def test_secrets_are_not_in_the_repr(monkeypatch):
     settings = JudgeSettings()
     assert settings.api_key == "sk-very-secret"
     assert "sk-very-secret" not in repr(settings)
+
+
+def test_keys_can_come_from_mounted_secret_files(monkeypatch, tmp_path):
+    (tmp_path / "judge").write_text("sk-from-file\n")
+    (tmp_path / "admin").write_text("admin-from-file")
+    monkeypatch.setenv("PREFLOOP_JUDGE_BACKEND", "openai")
+    monkeypatch.setenv("PREFLOOP_JUDGE_API_KEY_FILE", str(tmp_path / "judge"))
+    monkeypatch.setenv("PREFLOOP_GATEWAY_ADMIN_KEY_FILE", str(tmp_path / "admin"))
+    monkeypatch.setenv("PREFLOOP_TRAINER_ADMIN_KEY_FILE", str(tmp_path / "admin"))
+    assert JudgeSettings().api_key == "sk-from-file"
+    assert TrainerSettings().judge.api_key == "sk-from-file"
+    assert GatewaySettings().admin_key == TrainerSettings().admin_key == "admin-from-file"
+
+
+def test_a_missing_or_empty_or_doubled_secret_file_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFLOOP_GATEWAY_ADMIN_KEY_FILE", str(tmp_path / "nope"))
+    with pytest.raises(ValidationError, match="PREFLOOP_GATEWAY_ADMIN_KEY_FILE=.*cannot read"):
+        GatewaySettings()
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.setenv("PREFLOOP_GATEWAY_ADMIN_KEY_FILE", str(tmp_path / "empty"))
+    with pytest.raises(ValidationError, match="secret file is empty"):
+        GatewaySettings()
+    (tmp_path / "key").write_text("k")
+    monkeypatch.setenv("PREFLOOP_GATEWAY_ADMIN_KEY_FILE", str(tmp_path / "key"))
+    monkeypatch.setenv("PREFLOOP_GATEWAY_ADMIN_KEY", "k2")
+    with pytest.raises(ValidationError, match="not both"):
+        GatewaySettings()
