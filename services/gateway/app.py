@@ -107,7 +107,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, key: Key):
         wait = chat_limit.acquire(key)
         if wait:
-            raise APIError(429, "rate limit exceeded for this key", headers={"Retry-After": str(int(wait) + 1)})
+            requests_total.labels(str(body.stream).lower(), "429").inc()
+            raise APIError(429, "rate limit exceeded for this key", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(int(wait) + 1)})
         started = time.monotonic()
         service: ChatService = state["chat"]
         try:
@@ -129,7 +131,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def feedback(body: FeedbackRequest, key: Key) -> FeedbackAccepted:
         wait = feedback_limit.acquire(key)
         if wait:
-            raise APIError(429, "feedback rate limit exceeded for this key", headers={"Retry-After": str(int(wait) + 1)})
+            raise APIError(429, "feedback rate limit exceeded for this key", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(int(wait) + 1)})
         served = store.get(body.response_id)
         if served is None:
             raise APIError(404, f"no response {body.response_id!r} was served", "response_id")

@@ -204,3 +204,28 @@ def test_feedback_survives_a_broker_outage_through_the_outbox(tmp_path, registry
     finally:
         gw.kill()
         broker.stop()
+
+
+def test_rate_limits_answer_429_with_retry_after_per_key(kafka, tmp_path, registry_copy):
+    gw = ServiceProcess("gateway", kafka, tmp_path, registry_dir=registry_copy.root, api_keys=f"{KEY},{OTHER}",
+                        requests_per_minute=2, feedback_per_minute=1, default_max_tokens=8).start()
+    try:
+        c = client(gw)
+        first = c.chat.completions.create(model="prefloop", messages=ask())
+        c.chat.completions.create(model="prefloop", messages=ask())
+        with pytest.raises(openai.RateLimitError) as info:
+            c.chat.completions.create(model="prefloop", messages=ask(), stream=True)
+        assert info.value.status_code == 429 and info.value.body["type"] == "rate_limit_error"
+        assert info.value.body["code"] == "rate_limit_exceeded"
+        assert 1 <= int(info.value.response.headers["retry-after"]) <= 60
+        assert client(gw, OTHER).chat.completions.create(model="prefloop", messages=ask()).choices  # per key
+
+        fb = {"Authorization": f"Bearer {KEY}"}
+        body = {"response_id": first.id, "choice_index": 0, "rating": 1}
+        assert httpx.post(f"{gw.url}/v1/feedback", json=body, headers=fb).status_code == 202
+        limited = httpx.post(f"{gw.url}/v1/feedback", json=body, headers=fb)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert "feedback rate limit" in limited.json()["error"]["message"]
+        assert 'prefloop_gateway_requests_total{status="429",stream="true"} 1.0' in gw.get("/metrics").text
+    finally:
+        gw.kill()
