@@ -15,14 +15,15 @@ class ChatCompletionRequest(BaseModel):
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str = "prefloop"
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1)
+    # strict: "2" or 0 for a number or a flag is an error, as in OpenAI's API, not a silent coercion
+    temperature: float = Field(0.7, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(0.9, gt=0.0, le=1.0, strict=True)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    n: int = Field(1, ge=1, strict=True)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)  # torch seeds are 64-bit
+    stream: bool = Field(False, strict=True)
     user: str | None = None
 
     @field_validator("stop")
@@ -131,10 +132,17 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     response_id: str = Field(min_length=1, max_length=200)
-    choice_index: int | None = Field(None, ge=0)
+    choice_index: int | None = Field(None, ge=0, strict=True)
     rating: Literal[-1, 1] | None = None
-    preferred_index: int | None = Field(None, ge=0)
+    preferred_index: int | None = Field(None, ge=0, strict=True)
     comment: str | None = Field(None, max_length=2000)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _integer_rating(cls, value):
+        if value is not None and type(value) is not int:  # Literal alone would take True and 1.0
+            raise ValueError("rating must be the integer 1 or -1")
+        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> "FeedbackRequest":

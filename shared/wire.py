@@ -47,7 +47,7 @@ class SamplingParams(WireModel):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=0, le=1000)
     max_new_tokens: int = Field(256, ge=1, le=4096)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # torch seeds are 64-bit
 
 
 class RubricScores(WireModel):

@@ -33,6 +33,17 @@ from shared.wire import FeedbackEvent, ModelUpdatedEvent
 log = logging.getLogger(__name__)
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 410, 429, 503)}
+# With `stream: true` the 200 is server-sent events: each `data:` holds a chat.completion.chunk as
+# JSON, the last one `[DONE]`. The schema describes one event, as SSE tooling validates them.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string", "contentMediaType": "application/json"},
+                            "event": {"type": "string"}}}
+STREAM = {200: {"description": "a chat.completion, or with `stream: true` chat.completion.chunk events",
+                "content": {"text/event-stream": {"schema": SSE_EVENT}},
+                # an OpenAPI link: a completion's id is what /v1/feedback rates (API fuzzers follow it)
+                "links": {"RateThisResponse": {"operationId": "feedback",
+                                               "requestBody": {"response_id": "$response.body#/id",
+                                                               "choice_index": 0, "rating": 1}}}}}
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -103,7 +114,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return ModelList(data=[ModelCard(id="prefloop", created=int(time.time())),
                                ModelCard(id=version, created=int(time.time()))])
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM | ERRORS)
     async def chat_completions(body: ChatCompletionRequest, key: Key):
         wait = chat_limit.acquire(key)
         if wait:
@@ -127,7 +138,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             latency.labels(str(body.stream).lower()).observe(time.monotonic() - started)
 
-    @app.post("/v1/feedback", status_code=202, responses=ERRORS)
+    @app.post("/v1/feedback", status_code=202, responses=ERRORS, operation_id="feedback")
     def feedback(body: FeedbackRequest, key: Key) -> FeedbackAccepted:
         wait = feedback_limit.acquire(key)
         if wait:
