@@ -28,6 +28,9 @@ SERVICES = ("generator", "judge", "trainer", "gateway")
 class Stack:
     workdir: Path
     trainer_env: dict[str, str] = field(default_factory=dict)
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    services: tuple[str, ...] = SERVICES
+    """which services to start (benchmarks start only the gateway)"""
     gateway_port: int = 0
     broker: EmbeddedBroker | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -59,7 +62,7 @@ class Stack:
 
             meta = bootstrap_tiny(self.registry)
             on_progress(f"bootstrapped {meta.version}")
-        for name in SERVICES:
+        for name in self.services:
             self._spawn(name)
         self.wait_ready(on_progress)
         return self
@@ -78,7 +81,7 @@ class Stack:
                         f"{p}ADMIN_KEY": self.admin_key, **self.trainer_env})
         if name == "gateway":
             env.update({f"{p}API_KEYS": self.api_key, f"{p}ADMIN_KEY": self.admin_key,
-                        f"{p}OUTBOX_DIR": str(w / "gateway-outbox")})
+                        f"{p}OUTBOX_DIR": str(w / "gateway-outbox"), **self.gateway_env})
         return env
 
     def _spawn(self, name: str) -> None:
@@ -91,7 +94,7 @@ class Stack:
                                             start_new_session=True)
 
     def wait_ready(self, on_progress, timeout_s: float = 300) -> None:
-        pending = set(SERVICES)
+        pending = set(self.services)
         deadline = time.monotonic() + timeout_s
         while pending:
             for name in sorted(pending):
