@@ -25,10 +25,10 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from tenacity import Retrying, stop_after_attempt, stop_when_event_set, wait_exponential
+from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, stop_when_event_set, wait_exponential
 
 from shared.kafka.codec import DecodeError, decode
-from shared.kafka.producer import EventProducer
+from shared.kafka.producer import BrokerUnavailable, EventProducer
 from shared.settings import KafkaSettings
 from shared.topics import Topic
 from shared.wire import DeadLetter, Event, ServiceName
@@ -86,6 +86,8 @@ class _LoopMetrics:
         self.batch = Histogram("prefloop_batch_size", "records per batch", ["topic"], registry=reg,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.seconds = Histogram("prefloop_handler_seconds", "handler time per batch", ["topic"], registry=reg)
+        self.broker_waits = Counter("prefloop_broker_unavailable", "publish attempts the broker did not take",
+                                    ["topic"], registry=reg)
 
 
 class _DropRevoked(ConsumerRebalanceListener):
@@ -213,11 +215,12 @@ class ConsumeLoop:
             except DecodeError as exc:
                 dead.append(self._dead_letter(rec, key, exc.kind, str(exc), attempts=0))
         failures: list[tuple[Received, BaseException, int]] = []
-        done = threading.Event()
+        done, handled = threading.Event(), threading.Event()
 
         def work() -> None:
             try:
-                failures.extend(self._handle_with_retries(valid))
+                self._until_broker_takes_it(lambda: failures.extend(self._handle_with_retries(valid)))
+                handled.set()
             finally:
                 done.set()
 
@@ -229,6 +232,8 @@ class ConsumeLoop:
                 if not done.wait(self._grace_s):
                     return False
                 break
+        if not handled.is_set():
+            return False  # stopped while the broker was away: nothing is committed, all is redelivered
         if self._stop.is_set() and failures and any(a < self._max_attempts for *_, a in failures):
             return False  # retries were cut short by the stop: do not dead-letter, redeliver instead
         self._metrics.seconds.labels(self.topic.name).observe(time.monotonic() - started)
@@ -238,7 +243,8 @@ class ConsumeLoop:
             dead.append(self._dead_letter(raw, item.key, "handler", f"{type(exc).__name__}: {exc}", attempts))
         if dead:
             # Wait for the DLQ acks before committing: a dead letter is never lost.
-            self._producer.publish(self.topic.dead_letter, dead)
+            if not self._until_broker_takes_it(lambda: self._producer.publish(self.topic.dead_letter, dead)):
+                return False
             for d in dead:
                 self._metrics.dead.labels(self.topic.name, d.error_kind).inc()
                 log.warning("dead-lettered %s[%d]@%d (%s): %s", d.original_topic, d.partition, d.offset,
@@ -246,10 +252,27 @@ class ConsumeLoop:
         self._metrics.handled.labels(self.topic.name).inc(len(valid) - len(failures))
         return True
 
+    def _until_broker_takes_it(self, publish_step) -> bool:
+        """Run `publish_step` until it gets past `BrokerUnavailable` (True) or the loop stops (False).
+        A broker outage is nobody's record's fault: it is waited out, never dead-lettered."""
+        wait_s = self._retry_wait_s
+        while True:
+            try:
+                publish_step()
+                return True
+            except BrokerUnavailable as exc:
+                self._metrics.broker_waits.labels(self.topic.name).inc()
+                log.warning("broker unavailable while handling %s (%s); retrying in %.1fs", self.topic.name, exc,
+                            wait_s)
+                if self._stop.wait(wait_s):
+                    return False
+                wait_s = min(wait_s * 2, 10.0)
+
     def _attempts(self) -> Retrying:
         return Retrying(
             stop=stop_after_attempt(self._max_attempts) | stop_when_event_set(self._stop),
             wait=wait_exponential(multiplier=self._retry_wait_s, max=5.0),
+            retry=retry_if_not_exception_type(BrokerUnavailable),
             reraise=True,
         )
 
@@ -261,6 +284,8 @@ class ConsumeLoop:
         try:
             retrying(self._handler, items)
             return []
+        except BrokerUnavailable:
+            raise  # not the records' fault: the caller waits for the broker and runs the batch again
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then isolated
             attempts = retrying.statistics.get("attempt_number", 1)
             if len(items) == 1:
@@ -274,6 +299,8 @@ class ConsumeLoop:
             retrying = self._attempts()
             try:
                 retrying(self._handler, [item])
+            except BrokerUnavailable:
+                raise
             except Exception as exc:  # noqa: BLE001
                 failures.append((item, exc, retrying.statistics.get("attempt_number", 1)))
         return failures

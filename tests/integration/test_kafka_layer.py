@@ -209,3 +209,52 @@ def test_sigterm_between_batches_exits_cleanly_and_keeps_commits(kafka, producer
     assert [x["abandoned"] for x in lines(out) if x["kind"] == "stopped"] == [0]
 
 
+
+
+def test_a_broker_outage_while_publishing_is_waited_out_not_dead_lettered(tmp_path):
+    """The handler's publish fails because the broker went away: no record is blamed (no DLQ);
+    the batch runs again once the broker is back, through a renewed producer (Tansu forgets
+    producer ids on restart)."""
+    from shared.broker import EmbeddedBroker
+    from shared.settings import KafkaSettings
+    from shared.topics import all_topics_with_dlq
+
+    out = PROMPTS.with_prefix("out.")
+    topics = [*all_topics_with_dlq(), out]
+    broker = EmbeddedBroker(log_file=tmp_path / "broker.log").start(topics=topics)
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, produce_timeout_s=3, request_timeout_ms=3000)
+    producer = EventProducer(kafka, "test", max_block_ms=3000)
+    out_producer = EventProducer(kafka, "test-out", max_block_ms=3000)
+    fetched, release = threading.Event(), threading.Event()
+    events = [prompt(f"outage question {i}") for i in range(3)]
+
+    def handle(batch):
+        fetched.set()
+        release.wait(60)
+        out_producer.publish(out, [r.event for r in batch])  # stands in for e.g. CandidatesEvents
+
+    registry = CollectorRegistry()
+    loop = ConsumeLoop(PROMPTS, group_id="outage",
+                       handler=handle, kafka=kafka, producer=producer, service="test", registry=registry,
+                       retry_wait_s=0.2, batch_size=3, batch_timeout_ms=500)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    try:
+        producer.publish(PROMPTS, events)
+        thread.start()
+        assert fetched.wait(60), "the loop never fetched the batch"
+        broker.stop()
+        release.set()
+        wait_for(lambda: registry.get_sample_value("prefloop_broker_unavailable_total", {"topic": PROMPTS.name}),
+                 60, "the loop to notice the outage")
+        assert thread.is_alive()
+        broker = EmbeddedBroker(port=broker.port, log_file=tmp_path / "broker.log").start(topics=topics)
+        got = wait_for(lambda: read_events(broker.bootstrap, out, 3, 2), 120, "the batch published after the outage")
+        assert {e.id for e in got} >= {e.id for e in events}
+        assert not read_records(broker.bootstrap, PROMPTS.dead_letter, 1, 2)
+        assert not registry.get_sample_value("prefloop_dead_letters_total", {"topic": PROMPTS.name, "kind": "handler"})
+    finally:
+        release.set()
+        loop.stop()
+        thread.join(30)
+        broker.stop()
+    assert not thread.is_alive()
