@@ -14,6 +14,7 @@ class JudgeSettings(ServiceSettings, JudgeBackendSettings):
     group_id: str = "prefloop-judge"
     http_port: int = 8102
     cache_path: str = Field("var/judge-cache.sqlite", description="verdict cache keyed by content hash")
+    cache_max_entries: int = Field(200_000, ge=1, description="oldest verdicts are dropped past this")
     batch_size: int = Field(16, ge=1)
     batch_timeout_ms: int = Field(200, ge=0)
     health_log_interval_s: float = Field(60.0, gt=0)

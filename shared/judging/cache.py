@@ -1,5 +1,7 @@
 """Verdict cache keyed by the content hash of (judge id, conversation, answer A, answer B,
-reference), on disk (sqlite), so a redelivered message does not pay for its verdict twice."""
+reference), on disk (sqlite), so a redelivered message does not pay for its verdict twice.
+Bounded: it keeps at most `max_entries`, dropping the oldest (a dropped verdict only costs a
+repeat call if that exact pair comes back)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ def verdict_key(judge_id: str, conversation: list[ChatMessage], a: str, b: str, 
 
 
 class VerdictCache:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, max_entries: int = 200_000) -> None:
+        self.max_entries = max_entries
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +42,14 @@ class VerdictCache:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO verdicts (key, verdict) VALUES (?, ?)",
                              (key, verdict.model_dump_json()))
+            # rowids grow with every insert (a replace gets a new one), so these are the oldest
+            self._db.execute("DELETE FROM verdicts WHERE rowid <= (SELECT MAX(rowid) FROM verdicts) - ?",
+                             (self.max_entries,))
             self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

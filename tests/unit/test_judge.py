@@ -113,3 +113,19 @@ def test_more_than_two_candidates_pick_best_versus_worst():
     cyclic = {("r", "p"): "A", ("p", "s"): "A", ("s", "r"): "A"}
     out = run(pairwise(lambda a, b: cyclic.get((a, b)) or ("B" if (b, a) in cyclic else "tie")).decide(event("r", "p", "s")))
     assert out.preference is None and out.abstention.reason == "tie"
+
+
+def test_verdict_cache_persists_and_drops_the_oldest_past_its_bound(tmp_path):
+    from shared.judging.cache import VerdictCache
+
+    scores = RubricScores(correctness=7, clarity=7, safety=9, empathy=5)
+    verdict = PairVerdict(reasoning="A is kinder", winner="A", scores_a=scores, scores_b=scores)
+    cache = VerdictCache(tmp_path / "c.sqlite", max_entries=3)
+    for i in range(5):
+        cache.put(f"k{i}", verdict)
+    assert len(cache) == 3 and cache.get("k0") is None and cache.get("k1") is None
+    cache.put("k3", verdict)  # a replaced key counts as the newest
+    assert len(cache) <= 3 and cache.get("k2") is None
+    cache.close()
+    reopened = VerdictCache(tmp_path / "c.sqlite", max_entries=3)
+    assert reopened.get("k4") == verdict and reopened.get("k3") == verdict
