@@ -54,7 +54,9 @@ class TrainingRunner:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._runs_file = self.runs_dir / "runs.jsonl"
         self._lock = threading.Lock()
-        self._last_run_at = time.monotonic()
+        # the interval trigger counts from the last finished run, across restarts (wall clock)
+        finished = [r.finished.timestamp() for r in self.runs() if r.finished is not None]
+        self._last_run_at = max(finished, default=time.time())
         self.runs_total = Counter("prefloop_trainer_runs", "training runs by outcome", ["status"], registry=metrics)
         self.last_duration = Gauge("prefloop_trainer_last_run_seconds", "duration of the last run", registry=metrics)
         self.ledger_size = Gauge("prefloop_trainer_ledger_pairs", "pairs in the ledger", registry=metrics)
@@ -91,7 +93,7 @@ class TrainingRunner:
         self.pending.set(fresh)
         if fresh >= self.settings.min_new_pairs:
             return f"{fresh} new pairs >= {self.settings.min_new_pairs}"
-        if fresh and time.monotonic() - self._last_run_at >= self.settings.train_interval_min * 60:
+        if fresh and time.time() - self._last_run_at >= self.settings.train_interval_min * 60:
             return f"{fresh} new pairs and {self.settings.train_interval_min} min since the last run"
         return None
 
@@ -106,7 +108,7 @@ class TrainingRunner:
         try:
             self.run(trigger)
         finally:
-            self._last_run_at = time.monotonic()
+            self._last_run_at = time.time()
             self._lock.release()
 
     # -- the run ---------------------------------------------------------------
