@@ -1,6 +1,8 @@
 """schemathesis fuzzes the running gateway from its own OpenAPI spec: no 5xx, responses (JSON and
 SSE) match the documented schemas and status codes, schema-violating bodies are refused, and the
-stateful phase follows the completion -> feedback link with real response ids.
+stateful phase follows the completion -> feedback link with real response ids. (Whether those
+linked calls succeed depends on what else it generates into the body, so it is not asserted; the
+feedback paths with real ids are tested deterministically in test_gateway.py.)
 
 `positive_data_acceptance` is left out on purpose: some rules are beyond JSON Schema (the last
 message must be the user's, a feedback body is a rating *or* a pick, prompt tokens must fit the
@@ -51,7 +53,6 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(gateway, tmp_path):
 
     log = gateway.log.read_text()
     assert "unhandled error" not in log
-    assert re.search(r'"POST /v1/feedback HTTP/1.1" 202', log), "the stateful phase never rated a real response"
     metrics = gateway.get("/metrics").text
     assert "prefloop_gateway_requests_total{" in metrics
     assert not re.search(r'^prefloop_gateway_requests_total\{[^}]*status="5\d\d"', metrics, re.M)
