@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -66,3 +66,17 @@ def secret_from_file(value: str, path: str, variable: str) -> str:
     if value and value != secret:
         raise ValueError(f"set {variable} or {variable}_FILE, not both")
     return secret
+
+
+class AdminKeySettings(BaseSettings):
+    """Mixed into the settings of a service with admin routes: `<PREFIX>ADMIN_KEY`, or
+    `<PREFIX>ADMIN_KEY_FILE` naming a mounted secret."""
+
+    admin_key: str = Field("", repr=False, description="bearer key for the admin routes")
+    admin_key_file: str = Field("", description="file holding the admin key (a mounted secret)")
+
+    @model_validator(mode="after")
+    def _admin_key_from_file(self):
+        variable = f"{self.model_config.get('env_prefix', '')}ADMIN_KEY"
+        self.admin_key = secret_from_file(self.admin_key, self.admin_key_file, variable)
+        return self

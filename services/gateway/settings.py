@@ -1,13 +1,13 @@
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.prompts import SYSTEM_PROMPT
-from shared.settings import ServiceSettings, secret_from_file
+from shared.settings import AdminKeySettings, ServiceSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ServiceSettings, AdminKeySettings):
     """`PREFLOOP_GATEWAY_*`: OpenAI-compatible chat API, feedback intake, hot swap."""
 
     model_config = SettingsConfigDict(env_prefix="PREFLOOP_GATEWAY_", env_nested_delimiter="__", extra="ignore")
@@ -17,8 +17,6 @@ class GatewaySettings(ServiceSettings):
     registry_dir: str = Field("var/registry", description="model registry root")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys")
     api_keys_file: str = Field("", description="file with one bearer key per line (a mounted secret)")
-    admin_key: str = Field("", repr=False, description="bearer key for /admin/*")
-    admin_key_file: str = Field("", description="file holding the admin key (a mounted secret)")
     default_system_prompt: str = Field(SYSTEM_PROMPT, description="added when a request has no system message")
     max_n: int = Field(4, ge=1)
     max_messages: int = Field(32, ge=1)
@@ -31,11 +29,6 @@ class GatewaySettings(ServiceSettings):
     max_wait_ms: int = Field(15, ge=0, description="dynamic batching: wait to fill a batch")
     outbox_dir: str = Field("var/gateway-outbox", description="durable feedback outbox when the broker is down")
     outbox_retry_s: float = Field(2.0, gt=0)
-
-    @model_validator(mode="after")
-    def _admin_key_from_file(self):
-        self.admin_key = secret_from_file(self.admin_key, self.admin_key_file, "PREFLOOP_GATEWAY_ADMIN_KEY")
-        return self
 
     def keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -1,13 +1,13 @@
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.judging.settings import JudgeBackendSettings
-from shared.settings import ServiceSettings, secret_from_file
+from shared.settings import AdminKeySettings, ServiceSettings
 
 
-class TrainerSettings(ServiceSettings):
+class TrainerSettings(ServiceSettings, AdminKeySettings):
     """`PREFLOOP_TRAINER_*`: keeps the preference ledger, trains DPO, gates, promotes.
     The gate's judge is configured by `PREFLOOP_JUDGE_*`, the same backend as the judge service."""
 
@@ -18,8 +18,6 @@ class TrainerSettings(ServiceSettings):
     registry_dir: str = Field("var/registry", description="model registry root")
     ledger_dir: str = Field("var/ledger", description="durable preference ledger")
     runs_dir: str = Field("var/runs", description="per-run metrics, plots, adapters")
-    admin_key: str = Field("", repr=False, description="bearer key for POST /train")
-    admin_key_file: str = Field("", description="file holding the admin key (a mounted secret)")
     batch_size: int = Field(64, ge=1)
     batch_timeout_ms: int = Field(500, ge=0)
     max_text_chars: int = Field(16_000, ge=1, description="longer prompts/answers are dead-lettered")
@@ -56,7 +54,3 @@ class TrainerSettings(ServiceSettings):
     reward_hack_window: int = Field(5, ge=1, description="flag runs at reward accuracy 1.0 over the first N logs")
     judge: JudgeBackendSettings = Field(default_factory=JudgeBackendSettings)
 
-    @model_validator(mode="after")
-    def _admin_key_from_file(self):
-        self.admin_key = secret_from_file(self.admin_key, self.admin_key_file, "PREFLOOP_TRAINER_ADMIN_KEY")
-        return self
