@@ -71,7 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not len(keys):
             log.warning("no API keys configured (PREFLOOP_GATEWAY_API_KEYS): every chat request will get 401")
         producer = EventProducer(settings.kafka, "gateway", max_block_ms=2000)
-        publisher = FeedbackPublisher(lambda: EventProducer(settings.kafka, "gateway", max_block_ms=2000),
+        publisher = FeedbackPublisher(EventProducer(settings.kafka, "gateway", max_block_ms=2000),
                                       all_topics_with_dlq(prefix), settings.outbox_dir, settings.outbox_retry_s)
         batcher = Batcher(holder, metrics, settings.max_batch_sequences, settings.max_wait_ms)
         loops = LoopThreads()

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from shared.kafka import EventProducer
@@ -52,10 +51,9 @@ def feedback_events(served, feedback: FeedbackEvent, topics: dict[str, Topic]) -
 
 
 class FeedbackPublisher:
-    def __init__(self, make_producer: Callable[[], EventProducer], topics: list[Topic], outbox_dir: str,
+    def __init__(self, producer: EventProducer, topics: list[Topic], outbox_dir: str,
                  retry_s: float, timeout_s: float = 5.0) -> None:
-        self._make_producer = make_producer
-        self._producer = make_producer()
+        self._producer = producer  # renews its own connection after a failed publish
         self._timeout = timeout_s
         self._dir = Path(outbox_dir)
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -74,14 +72,13 @@ class FeedbackPublisher:
 
     def publish(self, items: list[tuple[Topic, Event]]) -> str:
         """'accepted' if the broker acknowledged every event, else 'queued' in the durable outbox."""
-        if not self.queued and self._producer is not None:
+        if not self.queued:
             try:
                 for topic, event in items:
                     self._producer.publish(topic, [event], timeout_s=self._timeout)
                 return "accepted"
             except Exception as exc:  # noqa: BLE001 - any broker failure goes to the outbox
                 log.warning("broker unavailable for feedback (%s); writing to the outbox", type(exc).__name__)
-                self._renew_producer()
         self._append(items)
         return "queued"
 
@@ -92,29 +89,12 @@ class FeedbackPublisher:
             f.flush()
             os.fsync(f.fileno())
 
-    def _renew_producer(self) -> None:
-        """A fresh producer (and producer id): after an outage the broker may not know the old one."""
-        old, self._producer = self._producer, None
-        try:
-            old.close(timeout_s=0.5)
-        except Exception:  # noqa: BLE001 - the old one is being discarded anyway
-            pass
-        try:
-            self._producer = self._make_producer()
-        except Exception:  # noqa: BLE001 - the broker is still down; the next drain retries
-            self._producer = None
-
     def _drain_loop(self) -> None:
         while not self._stop.wait(self._retry_s):
             try:
-                if self._producer is None:
-                    self._producer = self._make_producer()
                 self.drain()
             except Exception:  # noqa: BLE001 - keep retrying
                 log.info("outbox not drained yet; will retry")
-                with self._lock:
-                    if self._producer is not None:
-                        self._renew_producer()
 
     def drain(self) -> int:
         """Publish queued records in order; keep the ones not yet acknowledged. Returns how many were sent."""
@@ -141,5 +121,4 @@ class FeedbackPublisher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        if self._producer is not None:
-            self._producer.close()
+        self._producer.close()

@@ -30,7 +30,7 @@ class EventProducer:
         self._settings = kafka
         self._service = service
         self._max_block_ms = max_block_ms
-        self._producer: KafkaProducer | None = self._connect()
+        self._producer: KafkaProducer | None = None  # connects on the first send
 
     def _connect(self) -> KafkaProducer:
         kafka = self._settings
@@ -55,12 +55,13 @@ class EventProducer:
         if not isinstance(event, topic.schema):
             raise TypeError(f"{topic.name} carries {topic.schema.__name__}, got {type(event).__name__}")
         headers = [("schema", type(event).__name__.encode()), ("schema_version", str(event.schema_version).encode())]
-        if self._producer is None:
+        producer = self._producer  # one read: another thread may renew meanwhile
+        if producer is None:
             try:
-                self._producer = self._connect()
+                producer = self._producer = self._connect()
             except KafkaError as exc:
                 raise BrokerUnavailable(f"cannot connect to {self._settings.bootstrap_servers}: {exc!r}") from exc
-        return self._producer.send(topic.name, value=encode(event), key=(key or event.id).encode(), headers=headers)
+        return producer.send(topic.name, value=encode(event), key=(key or event.id).encode(), headers=headers)
 
     def publish(self, topic: Topic, events: Iterable[Event], key: str | None = None,
                 timeout_s: float | None = None) -> int:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from shared.kafka import ConsumeLoop, EventProducer
@@ -92,10 +92,12 @@ def test_producer_refuses_an_event_of_the_wrong_schema(kafka, producer):
 
 def test_poison_messages_go_to_the_dlq_with_reasons_and_the_loop_goes_on(kafka, producer):
     topic = PROMPTS.with_prefix(kafka.topic_prefix)
-    raw = producer._producer
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers.split(","))  # bytes no event model allows
     for value in (b"not json", b'{"schema_version": 7, "producer": "test"}',
                   b'{"schema_version": 1, "producer": "test", "messages": []}'):
         raw.send(topic.name, value=value, key=b"k", partition=0)
+    raw.flush(10)
+    raw.close()
     boom, good = prompt("boom please"), prompt("a perfectly good question")
     producer.send(topic, boom).get(10)
     raw.flush()
