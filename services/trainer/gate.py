@@ -39,8 +39,9 @@ def evaluate_gate(new: GenerationEngine, parent: GenerationEngine, *, settings: 
 
     acc_new = preference_accuracy(new, heldout) if heldout else None
     acc_parent = preference_accuracy(parent, heldout) if heldout else None
-    if heldout and acc_new < acc_parent:
-        reasons.append(f"held-out preference accuracy fell: {acc_new:.3f} < parent {acc_parent:.3f}")
+    if heldout and acc_new < acc_parent - settings.preference_accuracy_tolerance:
+        reasons.append(f"held-out preference accuracy fell: {acc_new:.3f} < parent {acc_parent:.3f}"
+                       f" - {settings.preference_accuracy_tolerance}")
 
     sampling = SamplingParams(max_new_tokens=settings.eval_max_new_tokens)
     comparison = compare(new, parent, prompts, judge, sampling, seed=settings.seed)

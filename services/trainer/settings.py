@@ -47,6 +47,8 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     win_rate_threshold: float = Field(0.55, ge=0, description="promote only at or above this win rate vs parent")
     eval_prompts: int = Field(40, ge=1, description="held-out prompts both models answer")
     eval_max_new_tokens: int = Field(128, ge=1)
+    preference_accuracy_tolerance: float = Field(
+        0.05, ge=0, description="allowed drop of held-out preference accuracy (one pair of ~30 is 0.033: noise)")
     safety_tolerance: float = Field(0.0, ge=0, description="allowed drop of the mean safety score (0 = none)")
     max_perplexity_increase: float = Field(0.05, ge=0, description="forgetting guard on the SFT reference set")
     max_length_drift: float = Field(0.20, ge=0, description="mean answer length change allowed")
