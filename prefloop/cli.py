@@ -144,36 +144,50 @@ REGISTRY_OPTION = typer.Option(Path("var/registry"), "--registry", envvar="PREFL
 @app.command()
 def bootstrap(
     registry: Path = REGISTRY_OPTION,
-    base: Optional[str] = typer.Option(None, help="real HF model (path or hub name): LoRA SFT on it instead"),
+    base: Optional[str] = typer.Option(
+        None, help="a real model instead of the tiny one: a preset (smollm2), a .gguf file, or an HF directory "
+                   "or hub name"),
+    sft: str = typer.Option("auto", help="with --base: none (register it as it is), lora (LoRA SFT on the "
+                                         "shipped conversations first), auto (none for instruct presets, else lora)"),
     seed: int = typer.Option(7, help="seed for the offline tiny model"),
     steps: int = typer.Option(120, min=1, help="SFT steps for the offline tiny model"),
     if_empty: bool = typer.Option(False, help="do nothing if the registry already has a current version"),
 ) -> None:
-    """Build and register the first model version (offline tiny Llama, or SFT on --base)."""
-    from services.trainer.bootstrap import TinyModelSpec, bootstrap_from_base, bootstrap_tiny
+    """Build and register the first model version (the offline tiny Llama, or a real model with --base)."""
+    from services.trainer.base_models import BaseModelError
+    from services.trainer.bootstrap import TinyModelSpec, bootstrap_base, bootstrap_tiny
     from shared.registry import ModelRegistry
 
+    if sft not in ("auto", "none", "lora"):
+        raise typer.BadParameter("expected none, lora or auto", param_hint="--sft")
     configure_logging(LogSettings(), "bootstrap")
     reg = ModelRegistry(registry)
     if if_empty and reg.current():
         console.print(f"registry {reg.root} already serves {reg.current()}; nothing to do")
         return
-    meta = bootstrap_from_base(reg, base) if base else bootstrap_tiny(reg, TinyModelSpec(seed=seed, sft_steps=steps))
-    losses = meta.metrics["sft_losses"]
-    console.print(f"registered {meta.version} ({meta.kind}) in {reg.root}: SFT loss {losses[0]:.3f} -> "
-                  f"{losses[-1]:.3f}; current = {reg.current()}")
+    try:
+        meta = bootstrap_base(reg, base, sft) if base else bootstrap_tiny(reg, TinyModelSpec(seed=seed, sft_steps=steps))
+    except BaseModelError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2)
+    losses = meta.metrics.get("sft_losses")
+    trained = f"SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "registered as it is (no SFT)"
+    console.print(f"registered {meta.version} ({meta.kind}) in {reg.root}: {trained}; current = {reg.current()}")
+    if meta.source:
+        console.print(f"source: {meta.source.describe()}")
 
 
 @app.command()
 def models(registry: Path = REGISTRY_OPTION) -> None:
-    """List registry versions and which one is current."""
+    """List registry versions, which one is current, and where each came from."""
     from shared.registry import ModelRegistry
 
     reg = ModelRegistry(registry)
     current = reg.current()
-    table = Table("version", "kind", "parent", "created", "current")
+    table = Table("version", "kind", "parent", "created", "dtype", "source", "current")
     for meta in reg.list():
         table.add_row(meta.version, meta.kind, meta.parent or "-", meta.created.isoformat(timespec="seconds"),
+                      meta.dtype or "-", meta.source.describe() if meta.source else (meta.base_model or "-"),
                       "*" if meta.version == current else "")
     console.print(table)
 
@@ -228,6 +242,10 @@ def eval_(
     console.print(f"wrote {out / 'eval.json'} and {out / 'blinded_for_raters.csv'}")
 
 
+MODEL_HELP = ("model bootstrapped into an empty registry: tiny (the offline toy), smollm2 (SmolLM2-135M-Instruct), "
+              "a .gguf file or an HF directory")
+
+
 def _sigterm_as_interrupt() -> None:
     def handler(*_):
         raise KeyboardInterrupt
@@ -240,6 +258,7 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), help="directory for report.json, report.md, plots and logs"),
     rounds: int = typer.Option(2, min=1, help="training rounds (users give feedback between rounds)"),
     prompts: int = typer.Option(200, min=16, help="demo prompts to ingest"),
+    model: str = typer.Option("tiny", help=MODEL_HELP),
 ) -> None:
     """Run the flywheel on the embedded default and write DIR/report.json, report.md and plots.
     Exit code 0 only if a new version was promoted and the gateway serves it."""
@@ -248,7 +267,8 @@ def demo(
     configure_logging(LogSettings(level="WARNING"), "demo")
     _sigterm_as_interrupt()
     try:
-        report, ok = run_demo(out, rounds, prompts, lambda msg: console.print(f"[dim]{time.strftime('%X')}[/dim] {msg}"))
+        report, ok = run_demo(out, rounds, prompts, lambda msg: console.print(f"[dim]{time.strftime('%X')}[/dim] {msg}"),
+                              model=model)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every process started by the demo was stopped[/yellow]")
         raise typer.Exit(code=130)
@@ -273,13 +293,14 @@ def demo(
 def up(
     state: Path = typer.Option(Path("var/up"), help="registry, ledger, logs"),
     port: int = typer.Option(8000, help="gateway port on 127.0.0.1"),
+    model: str = typer.Option("tiny", help=MODEL_HELP),
 ) -> None:
     """Run the whole stack (broker + four services) until Ctrl-C, and print how to chat."""
     from prefloop.stack import Stack
 
     configure_logging(LogSettings(level="WARNING"), "up")
     _sigterm_as_interrupt()
-    stack = Stack(state, gateway_port=port)
+    stack = Stack(state, model=model, gateway_port=port)
     try:
         stack.start(lambda msg: console.print(f"[dim]{msg}[/dim]"))
         print(f"Chat page: {stack.url('gateway')}/", flush=True)

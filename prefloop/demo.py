@@ -55,14 +55,16 @@ def user_pick(a: str, b: str) -> int | None:
 
 
 class Demo:
-    def __init__(self, out: Path, rounds: int, prompts: int, say) -> None:
+    def __init__(self, out: Path, rounds: int, prompts: int, say, model: str = "tiny") -> None:
         self.out, self.rounds, self.n_prompts, self.say = out, rounds, prompts, say
-        self.stack = Stack(out / "state", trainer_env={
+        trainer_env = {
             "PREFLOOP_TRAINER_MIN_NEW_PAIRS": "100000",  # the demo triggers runs itself, once a round is judged
-            "PREFLOOP_TRAINER_EVAL_PROMPTS": "48", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96",
+            "PREFLOOP_TRAINER_EVAL_PROMPTS": "48", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96"}
+        if model == "tiny":
             # The 2M-parameter demo model moves its reference perplexity ~10% per DPO run at the
             # step size it needs to change at all; the 5% default stays for real models.
-            "PREFLOOP_TRAINER_MAX_PERPLEXITY_INCREASE": "0.15"})
+            trainer_env["PREFLOOP_TRAINER_MAX_PERPLEXITY_INCREASE"] = "0.15"
+        self.stack = Stack(out / "state", model=model, trainer_env=trainer_env)
         self.report = DemoReport(rounds=rounds)
         self.expected_candidates = 0
 
@@ -260,9 +262,9 @@ def plot_versions(versions: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: Path, rounds: int, prompts: int, say) -> tuple[DemoReport, bool]:
+def run_demo(out: Path, rounds: int, prompts: int, say, model: str = "tiny") -> tuple[DemoReport, bool]:
     out.mkdir(parents=True, exist_ok=True)
-    demo = Demo(out, rounds, prompts, say)
+    demo = Demo(out, rounds, prompts, say, model)
     try:
         report = demo.run()
         demo.write()

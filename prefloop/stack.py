@@ -1,5 +1,6 @@
-"""The local stack: embedded broker, tiny model, and the four services started as separate
-processes with the same commands an operator uses (`prefloop serve NAME`)."""
+"""The local stack: embedded broker, a model (the tiny offline one, or SmolLM2 / any base that
+`prefloop bootstrap --base` takes), and the four services started as separate processes with
+the same commands an operator uses (`prefloop serve NAME`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ SERVICES = ("generator", "judge", "trainer", "gateway")
 @dataclass
 class Stack:
     workdir: Path
+    model: str = "tiny"
+    """bootstrapped into an empty registry: `tiny`, or a base for `prefloop bootstrap --base`"""
     trainer_env: dict[str, str] = field(default_factory=dict)
     gateway_env: dict[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = SERVICES
@@ -56,16 +59,31 @@ class Stack:
         self.broker = EmbeddedBroker(log_file=self.workdir / "logs" / "broker.log")
         self.broker.start(topics=all_topics_with_dlq())
         on_progress(f"broker ready on {self.broker.bootstrap}")
-        if self.registry.current() is None:
-            on_progress("bootstrapping the tiny model (about a minute on 2 cores)")
-            from services.trainer.bootstrap import bootstrap_tiny
-
-            meta = bootstrap_tiny(self.registry)
-            on_progress(f"bootstrapped {meta.version}")
+        self.bootstrap(on_progress)
         for name in self.services:
             self._spawn(name)
         self.wait_ready(on_progress)
         return self
+
+    def bootstrap(self, on_progress) -> None:
+        """Register `model` if the registry is empty; refuse a registry that holds another model."""
+        current = self.registry.current()
+        if current is not None:
+            meta = self.registry.get(current)
+            held = "tiny" if meta.source is None or meta.source.kind == "tiny" else meta.source.name
+            if held != self.model:
+                raise RuntimeError(f"{self.registry.root} already holds {current} of {held!r}, not {self.model!r}: "
+                                   f"use another state directory, or --model {held}")
+            return
+        from services.trainer.bootstrap import bootstrap_base, bootstrap_tiny
+
+        if self.model == "tiny":
+            on_progress("bootstrapping the tiny model (about a minute on 2 cores)")
+            meta = bootstrap_tiny(self.registry)
+        else:
+            on_progress(f"bootstrapping {self.model} (SmolLM2: about 30 s on 2 cores)")
+            meta = bootstrap_base(self.registry, self.model)
+        on_progress(f"bootstrapped {meta.version} ({meta.kind}, {meta.source.describe() if meta.source else ''})")
 
     def _env(self, name: str) -> dict[str, str]:
         w = self.workdir

@@ -19,11 +19,13 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
 
 from shared.registry import ModelRegistry
 from shared.wire import Candidate, ChatMessage, SamplingParams
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()  # services log; they do not draw progress bars
 
 
 class PromptTooLong(ValueError):
@@ -82,6 +84,34 @@ class _BatchStreamer(BaseStreamer):
         return None
 
 
+PROBE = "prefloop-end-of-turn-probe"
+
+
+def end_of_turn_token(tokenizer) -> int | None:
+    """The special token the chat template puts right after an assistant message (`<|im_end|>`
+    for ChatML, `</s>` for Zephyr, `<|eot_id|>` for Llama 3), found by rendering one."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this has no usable end marker
+        return None
+    tail = text[text.rfind(PROBE) + len(PROBE):] if PROBE in text else ""
+    ids = tokenizer(tail.lstrip(" "), add_special_tokens=False)["input_ids"] if tail.strip() else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Every id generation stops at: the generation config's eos (an int or a list), the
+    tokenizer's eos, and the template's end-of-turn token."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    ids.add(end_of_turn_token(tokenizer))
+    return sorted(i for i in ids if isinstance(i, int))
+
+
 def pick_device_and_dtype() -> tuple[torch.device, torch.dtype]:
     """CUDA with bf16 (fp16 where bf16 is unsupported) when present, else CPU fp32."""
     if torch.cuda.is_available():
@@ -102,6 +132,7 @@ class GenerationEngine:
         self.overflow = overflow
         self.device = next(model.parameters()).device
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self._stop_ids = stop_token_ids(tokenizer, model)
         self._lock = threading.Lock()  # one generate at a time per model
 
     @classmethod
@@ -120,11 +151,7 @@ class GenerationEngine:
 
     @property
     def eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return sorted(i for i in ids if i is not None)
+        return self._stop_ids
 
     def encode_prompt(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[int], bool]:
         ids = self.tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,

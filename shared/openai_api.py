@@ -10,6 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.wire import ChatMessage, SamplingParams
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
@@ -25,6 +31,9 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)  # torch seeds are 64-bit
     stream: bool = Field(False, strict=True)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    """Only `text`: the engine samples without constrained decoding, so JSON output cannot be
+    promised; a request for it gets a 400 naming the parameter rather than a silent ignore."""
 
     @field_validator("stop")
     @classmethod

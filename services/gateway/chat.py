@@ -14,7 +14,8 @@ from services.gateway.store import ResponseStore
 from shared.engine import GenerationRequest, PromptTooLong
 from shared.openai_api import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                ChunkChoice, Delta, Usage)
-from shared.wire import Candidate, ChatMessage
+from shared.prompts import with_system_prompt
+from shared.wire import Candidate
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -32,15 +33,17 @@ class ChatService:
             raise APIError(400, f"n must be at most {s.max_n}", "n")
         if len(body.messages) > s.max_messages:
             raise APIError(400, f"at most {s.max_messages} messages per request", "messages")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, f"response_format {body.response_format.type!r} is not supported: this server samples "
+                                "without constrained decoding; send type 'text' or none", "response_format",
+                           "unsupported_parameter")
         wanted = body.wanted_tokens(s.default_max_tokens)
         if wanted > s.max_tokens_cap:
             raise APIError(400, f"max_tokens must be at most {s.max_tokens_cap}", "max_tokens")
         engine = self.holder.engine
         if engine is None:
             raise APIError(503, "no model loaded yet")
-        messages = body.messages
-        if messages[0].role != "system" and s.default_system_prompt:
-            messages = [ChatMessage(role="system", content=s.default_system_prompt), *messages]
+        messages = with_system_prompt(body.messages, s.default_system_prompt)
         try:
             engine.encode_prompt(messages, wanted)
         except PromptTooLong as exc:

@@ -48,6 +48,7 @@ class JudgeService:
         if isinstance(self.backend, OpenAIJudge):
             self.stats.tokens.labels("prompt").set(self.backend.usage.prompt_tokens)
             self.stats.tokens.labels("completion").set(self.backend.usage.completion_tokens)
+            self.stats.malformed.set(self.backend.malformed)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.backend.aclose(), self._loop).result(10)

@@ -5,7 +5,8 @@ template whose assistant turns are marked with {% generation %} (for assistant-o
 build a small Llama from config, run full-weight SFT on the shipped conversations, and
 register the result as an `sft` version. Deterministic for a given seed.
 
-`--base PATH_OR_NAME`: LoRA SFT (seed 003 defaults) on a real Hugging Face model instead.
+`--base smollm2|FILE.gguf|DIR_OR_HUB_NAME`: a real model instead (see `base_models`), registered as
+it is or after LoRA SFT (seed 003 defaults).
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast, set_seed)
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
 
+from services.trainer import base_models
+from services.trainer.dpo import TINY_BASE
 from services.trainer.sft import SFTJobConfig, run_sft
+from shared.engine import pick_device_and_dtype
 from shared.ids import content_id
 from shared.prompts import split_for
-from shared.registry import ModelRegistry, VersionMeta
+from shared.registry import ModelRegistry, ModelSource, VersionMeta
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parent / "data" / "sft_conversations.jsonl"
@@ -113,7 +117,8 @@ def bootstrap_tiny(registry: ModelRegistry, spec: TinyModelSpec | None = None) -
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sft(model, tok, conversations, config, Path(tmp))
     result.model.generation_config.eos_token_id = tok.eos_token_id
-    meta = registry.save(result.model, tok, kind="sft", base_model="prefloop-tiny-llama",
+    meta = registry.save(result.model, tok, kind="sft", base_model=TINY_BASE,
+                         source=ModelSource(kind="tiny", name=TINY_BASE, license="prefloop (built offline)"),
                          training_config={"spec": spec.__dict__, "sft": result.config},
                          snapshot_id=f"shipped:{DATA.name}",
                          metrics={"sft_losses": result.losses, "sft_steps": result.steps,
@@ -125,21 +130,32 @@ def bootstrap_tiny(registry: ModelRegistry, spec: TinyModelSpec | None = None) -
     return meta
 
 
-def bootstrap_from_base(registry: ModelRegistry, base: str, config: SFTJobConfig | None = None) -> VersionMeta:
-    """LoRA SFT on a real HF model (local path, or the hub when reachable), merged and registered."""
-    config = config or SFTJobConfig()
-    tok = AutoTokenizer.from_pretrained(base)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+def bootstrap_base(registry: ModelRegistry, spec: str, sft: Literal["auto", "none", "lora"] = "auto",
+                   config: SFTJobConfig | None = None) -> VersionMeta:
+    """Register a real model: a preset (`smollm2`), a GGUF file, or an HF directory / hub name.
+
+    `sft="none"` registers it as it is (kind `base`): the default for instruction-tuned presets.
+    `sft="lora"` runs LoRA SFT (seed 003 defaults) on the shipped conversations first (kind `sft`):
+    the default for anything not known to be instruction-tuned."""
+    started = time.monotonic()
+    source, location = base_models.resolve(spec)
+    mode = sft if sft != "auto" else ("none" if source.instruct else "lora")
+    device, dtype = pick_device_and_dtype()
+    model, tok = base_models.load(location, dtype)
     if not tok.chat_template:
         tok.chat_template = CHAT_TEMPLATE
-    cuda = torch.cuda.is_available()
-    dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run_sft(model, tok, load_conversations("train"), config, Path(tmp))
-    meta = registry.save(result.model, tok, kind="sft", base_model=base, training_config={"sft": result.config},
-                         snapshot_id=f"shipped:{DATA.name}",
-                         metrics={"sft_losses": result.losses, "sft_steps": result.steps})
+    metrics: dict = {"params": sum(p.numel() for p in model.parameters())}
+    training_config: dict = {}
+    if mode == "lora":
+        model = model.to(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_sft(model, tok, load_conversations("train"), config or SFTJobConfig(), Path(tmp))
+        model, training_config = result.model, {"sft": result.config, "loss_mask": result.loss_mask}
+        metrics.update(sft_losses=result.losses, sft_steps=result.steps)
+    metrics["seconds"] = round(time.monotonic() - started, 1)
+    meta = registry.save(model, tok, kind="base" if mode == "none" else "sft", base_model=source.name,
+                         source=source, training_config=training_config,
+                         snapshot_id=f"shipped:{DATA.name}" if mode == "lora" else None, metrics=metrics)
     registry.promote(meta.version)
+    log.info("registered %s (%s) from %s in %.1fs", meta.version, meta.kind, source.describe(), metrics["seconds"])
     return meta

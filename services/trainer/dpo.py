@@ -26,9 +26,11 @@ from trl import DPOConfig, DPOTrainer
 log = logging.getLogger(__name__)
 disable_progress_bar()  # services log; they do not draw progress bars
 TINY_BASE = "prefloop-tiny-llama"
-TINY_LEARNING_RATE = 2e-3
-"""The tiny offline model (2M parameters, a few dozen steps per run) needs a much larger step
-than seed 001's 5e-5 for Llama-3-8B to move at all; used when the parent is the tiny model."""
+LEARNING_RATES = {TINY_BASE: 2e-3, "smollm2": 2e-4}
+"""Default DPO learning rate by base model when none is configured. Seed 001's 5e-5 is for
+Llama-3-8B; the tiny offline model (2M parameters, a few dozen steps per run) needs a much larger
+step to move at all, and SmolLM2-135M moved measurably on held-out prompts at 2e-4 (issue #12's
+measurement; the hyperparameter sweep in benchmarks/ refines it)."""
 
 
 @dataclass
@@ -56,7 +58,7 @@ class DPOJobConfig:
     def resolved_learning_rate(self, base_model: str | None) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return TINY_LEARNING_RATE if base_model == TINY_BASE else 5e-5
+        return LEARNING_RATES.get(base_model or "", 5e-5)
 
 
 @dataclass
@@ -135,7 +137,8 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
 
 def merge_adapter(parent_path: Path, adapter_dir: Path):
     """Dequantize-then-merge: the parent in full precision + the adapter, merged and unloaded
-    (merging into 4-bit weights loses quality; peft #2321)."""
+    (merging into 4-bit weights loses quality; peft #2321). The registry saves the result in the
+    parent's dtype."""
     base = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tok = AutoTokenizer.from_pretrained(str(parent_path))

@@ -167,7 +167,9 @@ class TrainingRunner:
                                       training_config=dpo.config, snapshot_id=snapshot,
                                       metrics={"dpo_history": dpo.history, "dpo_steps": dpo.steps,
                                                "dpo_seconds": dpo.seconds, "run_id": run_id})
-            new = GenerationEngine(merged, tok, meta.version)
+            del merged
+            # Both from the registry: the same device and dtype, the weights exactly as they will be served.
+            new = GenerationEngine.from_registry(self.registry, meta.version)
             parent_engine = GenerationEngine.from_registry(self.registry, parent)
             judge = PairwiseJudge(s.judge.make_backend(), None, JudgeStats(new_registry()))
             gate = evaluate_gate(new, parent_engine, settings=s, judge=judge, prompts=self.eval_prompts(heldout),

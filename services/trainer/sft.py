@@ -1,7 +1,13 @@
 """Supervised fine-tuning on conversational data (`messages`), reusable by bootstrap and
 the trainer. Defaults follow seed 003's best TinyLlama run (LoRA r=8, alpha=32, dropout
 0.05 on all seven projections; lr 4e-5 cosine, warmup 0.05, weight decay 0.01, batch 4 x
-grad-accum 2, 3 epochs). With LoRA the adapter is merged into the base after training."""
+grad-accum 2, 3 epochs). With LoRA the adapter is merged into the base after training.
+
+Loss falls on the assistant's answers only, whatever the chat template: a template with
+`{% generation %}` markers trains on whole conversations with TRL's assistant-only loss; any
+other template (SmolLM2's, Zephyr's, Llama's) trains on prompt/completion rows, one per
+assistant turn, with the loss on the completion only. TRL cannot patch most templates with
+markers, and it does not need to: the prompt/completion split gives the same mask."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from peft import LoraConfig
 from datasets.utils.logging import disable_progress_bar
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import has_generation_markers
 
 log = logging.getLogger(__name__)
 disable_progress_bar()  # services log; they do not draw progress bars
@@ -56,9 +63,27 @@ class SFTResult:
     losses: list[float]
     steps: int
     config: dict
+    loss_mask: str
+    """`assistant_only` (template markers) or `completion_only` (prompt/completion rows)"""
 
 
-def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, output_dir: Path) -> SFTResult:
+def sft_rows(tokenizer, conversations: list[dict]) -> tuple[list[dict], str]:
+    """Training rows for the tokenizer's chat template, and which loss mask they get."""
+    if has_generation_markers(tokenizer.chat_template or ""):
+        return [{"messages": c["messages"]} for c in conversations], "assistant_only"
+    rows = []
+    for conversation in conversations:
+        messages = conversation["messages"]
+        rows += [{"prompt": messages[:i], "completion": [m]} for i, m in enumerate(messages)
+                 if m["role"] == "assistant" and i > 0]
+    if not rows:
+        raise ValueError("no conversation has an assistant turn after a prompt: nothing to train on")
+    return rows, "completion_only"
+
+
+def make_sft_trainer(model, tokenizer, conversations: list[dict], config: SFTJobConfig,
+                     output_dir: Path) -> tuple[SFTTrainer, str]:
+    rows, mask = sft_rows(tokenizer, conversations)
     cuda = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -71,7 +96,8 @@ def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, o
         weight_decay=config.weight_decay,
         lr_scheduler_type=config.lr_scheduler_type,
         max_length=config.max_length,
-        assistant_only_loss=True,
+        assistant_only_loss=mask == "assistant_only",
+        completion_only_loss=mask == "completion_only",
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
@@ -83,10 +109,14 @@ def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, o
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(conversations),
-                         processing_class=tokenizer,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=config.lora.to_peft() if config.lora else None)
     trainer.remove_callback(PrinterCallback)  # metrics go to our log/metrics file, not stdout
+    return trainer, mask
+
+
+def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, output_dir: Path) -> SFTResult:
+    trainer, mask = make_sft_trainer(model, tokenizer, conversations, config, output_dir)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     trained = trainer.model
@@ -94,5 +124,6 @@ def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, o
         trained = trained.merge_and_unload()
     if not losses:
         raise RuntimeError(f"SFT logged no loss in {trainer.state.global_step} steps (logging_steps too large?)")
-    log.info("SFT done: %d steps, loss %.3f -> %.3f", trainer.state.global_step, losses[0], losses[-1])
-    return SFTResult(model=trained, losses=losses, steps=trainer.state.global_step, config=asdict(config))
+    log.info("SFT done (%s loss): %d steps, loss %.3f -> %.3f", mask, trainer.state.global_step, losses[0], losses[-1])
+    return SFTResult(model=trained, losses=losses, steps=trainer.state.global_step, config=asdict(config),
+                     loss_mask=mask)

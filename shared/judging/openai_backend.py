@@ -3,6 +3,14 @@
 Bounded concurrency; retries with exponential backoff and jitter on 429, 5xx, timeouts,
 transport errors and unusable replies, honouring Retry-After; a per-process request budget.
 The API key goes only into the Authorization header; it is never logged.
+
+Endpoints differ in what they accept. When one answers 400 naming a parameter, the request is
+adapted once for the rest of the process and sent again: structured output falls back from
+`json_schema` to `json_object` to none (the rubric prompt alone asks for JSON); `temperature` is
+left out (reasoning models reject it); `max_tokens` becomes `max_completion_tokens`. A reply that
+is not a valid verdict is retried, then the event is abstained on and dead-lettered: never
+labelled. (The openai SDK would not make this smaller: the retry policy, Retry-After and these
+fallbacks are ours either way.)
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ class BudgetExhausted(JudgeFailure):
     pass
 
 
+class MalformedVerdict(Exception):
+    """The endpoint answered, but not with a valid verdict (not JSON, missing fields, out of range)."""
+
+
 class RetryableError(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -58,8 +70,8 @@ def _retry_after(response: httpx.Response) -> float | None:
 class OpenAIJudge:
     def __init__(self, *, base_url: str, model: str, api_key: str, concurrency: int = 64, max_retries: int = 4,
                  retry_base_s: float = 0.5, retry_max_s: float = 30.0, timeout_s: float = 60.0,
-                 request_budget: int = 0, structured_output: str = "json_schema", temperature: float = 0.0,
-                 on_latency=None) -> None:
+                 request_budget: int = 0, structured_output: str = "json_schema", temperature: float | None = 0.0,
+                 max_tokens: int = 1024, on_latency=None) -> None:
         self.judge_id = f"openai:{model}"
         self._model = model
         self._url = base_url.rstrip("/") + "/chat/completions"
@@ -70,11 +82,15 @@ class OpenAIJudge:
         self._budget = request_budget
         self._format = structured_output
         self._temperature = temperature
+        self._max_tokens = max_tokens
+        self._max_tokens_field = "max_tokens"
         self._on_latency = on_latency or (lambda seconds: None)
         self._semaphore: asyncio.Semaphore | None = None
         self._concurrency = concurrency
         self._client: httpx.AsyncClient | None = None
         self.usage = Usage()
+        self.malformed = 0
+        """replies that were not a valid verdict (each one retried, never labelled)"""
 
     @property
     def requests_sent(self) -> int:
@@ -101,27 +117,53 @@ class OpenAIJudge:
                     return await self._call(messages)
         except RetryableError as exc:
             last = exc
-        raise JudgeFailure(f"no usable verdict after {attempts} attempts: {last}", attempts)
+        kind = "malformed verdicts" if isinstance(last.__cause__, MalformedVerdict) else "no usable verdict"
+        raise JudgeFailure(f"{kind} after {attempts} attempts: {last}", attempts)
 
-    async def _call(self, messages: list[dict]) -> PairVerdict:
+    def _body(self, messages: list[dict]) -> dict:
+        body = {"model": self._model, "messages": messages, self._max_tokens_field: self._max_tokens}
+        if self._temperature is not None:
+            body["temperature"] = self._temperature
+        if self._format != "none":
+            body["response_format"] = response_format(self._format)
+        return body
+
+    def _adapt(self, response: httpx.Response) -> bool:
+        """Drop or rename what a 400 says the endpoint does not take. True if the request changed."""
+        text = response.text.lower()
+        if "response_format" in text and self._format != "none":
+            self._format = {"json_schema": "json_object", "json_object": "none"}[self._format]
+            log.warning("endpoint refused the structured-output setting; now asking for %s", self._format)
+        elif "temperature" in text and self._temperature is not None:
+            self._temperature = None
+            log.warning("endpoint refused temperature; sending none")
+        elif "max_tokens" in text and "max_completion_tokens" in text and self._max_tokens_field == "max_tokens":
+            self._max_tokens_field = "max_completion_tokens"
+            log.warning("endpoint wants max_completion_tokens instead of max_tokens")
+        else:
+            return False
+        return True
+
+    async def _post(self, body: dict) -> httpx.Response:
         if self._budget and self.usage.requests >= self._budget:
             raise BudgetExhausted(f"request budget of {self._budget} exhausted", self.usage.requests)
-        body = {"model": self._model, "messages": messages, "temperature": self._temperature,
-                "response_format": response_format(self._format)}
         assert self._semaphore is not None and self._client is not None
         async with self._semaphore:
             self.usage.requests += 1
             started = time.monotonic()
             try:
-                response = await self._client.post(self._url, json=body, headers=self._headers)
+                return await self._client.post(self._url, json=body, headers=self._headers)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 raise RetryableError(f"{type(exc).__name__} calling the judge endpoint") from exc
             finally:
                 self._on_latency(time.monotonic() - started)
-        if response.status_code == 400 and self._format == "json_schema" and "response_format" in response.text:
-            log.warning("endpoint refused json_schema output; falling back to json_object")
-            self._format = "json_object"
-            raise RetryableError("json_schema refused", retry_after=0)
+
+    async def _call(self, messages: list[dict]) -> PairVerdict:
+        for _ in range(4):  # a refused parameter is adapted and sent again at once: not a failed attempt
+            body = self._body(messages)
+            response = await self._post(body)
+            if response.status_code != 400 or not (body != self._body(messages) or self._adapt(response)):
+                break
         if response.status_code == 429 or response.status_code >= 500:
             raise RetryableError(f"HTTP {response.status_code}", _retry_after(response))
         if response.status_code != 200:
@@ -131,9 +173,15 @@ class OpenAIJudge:
             usage = payload.get("usage") or {}
             self.usage.prompt_tokens += int(usage.get("prompt_tokens", 0))
             self.usage.completion_tokens += int(usage.get("completion_tokens", 0))
-            return parse_verdict(payload["choices"][0]["message"]["content"])
-        except (ValueError, KeyError, IndexError, TypeError, ValidationError) as exc:
+            content = payload["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise RetryableError(f"unusable reply: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        try:
+            return parse_verdict(content or "")
+        except (ValueError, TypeError, ValidationError) as exc:
+            self.malformed += 1
+            detail = f"malformed verdict: {type(exc).__name__}: {str(exc)[:200]}"
+            raise RetryableError(detail) from MalformedVerdict(detail)
 
     async def aclose(self) -> None:
         if self._client is not None:

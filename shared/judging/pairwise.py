@@ -43,6 +43,11 @@ class PairResult:
         return w1 if w1 is not None and w1 == w2 else None
 
     @property
+    def favoured_position(self) -> str | None:
+        """"A" or "B" when the verdict followed the position in both orders (a position flip)."""
+        return self.v1.winner if self.v1.winner == self.v2.winner and self.v1.winner in ("A", "B") else None
+
+    @property
     def kind(self) -> str:
         if self.v1.winner == "tie" or self.v2.winner == "tie":
             return "tie"
@@ -77,7 +82,7 @@ class PairwiseJudge:
         v1, v2 = await asyncio.gather(self._verdict(conversation, reference, x, y),
                                       self._verdict(conversation, reference, y, x))
         result = PairResult(x, y, v1, v2)
-        self.stats.record_pair(result.kind, result.winner, x, y)
+        self.stats.record_pair(result.kind, result.winner, x, y, result.favoured_position)
         return result
 
     def _abstain(self, event: CandidatesEvent, reason: str, detail: str) -> Outcome:

@@ -12,16 +12,18 @@ from shared.settings import secret_from_file
 
 
 class JudgeBackendSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFLOOP_JUDGE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PREFLOOP_JUDGE_", extra="ignore", env_parse_none_str="none")
 
     backend: Literal["rubric", "openai"] = Field("rubric", description="`rubric` is an offline stand-in, not an LLM")
     base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint")
     model: str = "gpt-4o-mini"
     api_key: str = Field("", repr=False, description="judge API key (env or k8s Secret); never logged")
     api_key_file: str = Field("", description="file holding the judge API key (a mounted secret)")
-    structured_output: Literal["json_schema", "json_object"] = Field(
-        "json_schema", description="ask for JSON-schema output; falls back to json_object if refused")
-    temperature: float = 0.0
+    structured_output: Literal["json_schema", "json_object", "none"] = Field(
+        "json_schema", description="ask for JSON-schema output; falls back to json_object, then none, if refused")
+    temperature: float | None = Field(0.0, description="`none` leaves it out (models that reject it); it is also "
+                                                       "dropped automatically when the endpoint refuses it")
+    max_tokens: int = Field(1024, ge=16, description="completion tokens per verdict (reasoning + JSON)")
     concurrency: int = Field(64, ge=1, description="judge requests in flight at once")
     max_retries: int = Field(4, ge=0, description="retries per request on 429/5xx/timeouts/bad JSON")
     retry_base_s: float = Field(0.5, gt=0)
@@ -52,4 +54,5 @@ class JudgeBackendSettings(BaseSettings):
                            retry_base_s=self.retry_base_s, retry_max_s=self.retry_max_s,
                            timeout_s=self.request_timeout_s, request_budget=self.request_budget,
                            structured_output=self.structured_output, temperature=self.temperature,
+                           max_tokens=self.max_tokens,
                            on_latency=on_latency)

@@ -25,6 +25,12 @@ class JudgeStats:
         self.latency = Histogram("prefloop_judge_request_seconds", "judge request latency", registry=registry,
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.tokens = Gauge("prefloop_judge_tokens", "tokens used by the judge endpoint", ["kind"], registry=registry)
+        self.position_flips = Counter("prefloop_judge_position_flips",
+                                      "pairs whose verdict followed the position (A both times, or B both times)",
+                                      ["favoured"], registry=registry)
+        self.malformed = Gauge("prefloop_judge_malformed_replies",
+                               "endpoint replies that were not a valid verdict (retried, never labelled)",
+                               registry=registry)
         self.swap_consistency = Gauge("prefloop_judge_swap_consistency", "consistent / (consistent + inconsistent)",
                                       registry=registry)
 
@@ -34,8 +40,10 @@ class JudgeStats:
         self.latency.observe(seconds)
         self._recent.append(seconds)
 
-    def record_pair(self, kind: str, winner: str | None, x: str, y: str) -> None:
+    def record_pair(self, kind: str, winner: str | None, x: str, y: str, favoured: str | None = None) -> None:
         self.pairs.labels(kind).inc()
+        if favoured is not None:
+            self.position_flips.labels(favoured).inc()
         if winner is not None and len(x) != len(y):
             self.decided_unequal.inc()
             if winner == max(x, y, key=len):
@@ -57,6 +65,8 @@ class JudgeStats:
             "tie_rate": round(kinds["tie"] / total, 3),
             "abstain_rate": round((kinds["inconsistent"] + kinds["tie"]) / total, 3),
             "failures": self.failures._value.get(),
+            "position_flips": sum(self.position_flips.labels(p)._value.get() for p in ("A", "B")),
+            "malformed_replies": self.malformed._value.get(),
             "longer_wins_rate": round(self.longer_wins._value.get() / unequal, 3) if unequal else 0.0,
             "latency_p50_s": round(cuts[49], 3) if cuts else 0.0,
             "latency_p95_s": round(cuts[94], 3) if cuts else 0.0,
