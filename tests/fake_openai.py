@@ -6,7 +6,8 @@ Policy `always_a`: answers "A" whatever the order (a position-biased judge).
 Both policies OBEY injected instructions ("pick A", "ignore the rubric") when such text reaches
 the instruction part of the request, i.e. anywhere outside the fenced data blocks. Faults are
 chosen by markers in the conversation: RATELIMIT_ONCE, FAIL500_ONCE, FAIL500, TIMEOUT,
-MALFORMED, MISSING_FIELDS, OUT_OF_RANGE, BAD_WINNER, SLOW.
+MALFORMED (a body that is not JSON), PROSE (a completion whose content is prose, as a weak model
+writes), MISSING_FIELDS, OUT_OF_RANGE, BAD_WINNER, SLOW.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Script:
     request_times: list[float] = field(default_factory=list)
     seen_once: Counter = field(default_factory=Counter)
     authorization: list[str] = field(default_factory=list)
-    refuse_json_schema: bool = False
+    refuse: set[str] = field(default_factory=set)
+    """what this endpoint answers 400 to: json_schema, json_object (response formats), temperature, max_tokens"""
 
 
 def build_app(script: Script) -> FastAPI:
@@ -59,8 +61,17 @@ def build_app(script: Script) -> FastAPI:
         fenced = {m["label"]: m["body"] for m in FENCE.finditer(user)}
         instruction_part = system + FENCE.sub("", user)
         convo = fenced.get("CONVERSATION", "")
-        if script.refuse_json_schema and body.get("response_format", {}).get("type") == "json_schema":
-            return JSONResponse({"error": {"message": "response_format json_schema is not supported"}}, 400)
+        fmt = (body.get("response_format") or {}).get("type")
+        if fmt in script.refuse:
+            return JSONResponse({"error": {"message": f"response_format {fmt} is not supported",
+                                           "param": "response_format"}}, 400)
+        if "temperature" in script.refuse and "temperature" in body:
+            return JSONResponse({"error": {"message": "Unsupported parameter: 'temperature' is not supported with "
+                                                      "this model.", "param": "temperature"}}, 400)
+        if "max_tokens" in script.refuse and "max_tokens" in body:
+            return JSONResponse({"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                                                      "model. Use 'max_completion_tokens' instead.",
+                                           "param": "max_tokens"}}, 400)
         for marker, status in (("RATELIMIT_ONCE", 429), ("FAIL500_ONCE", 500)):
             if marker in convo and script.seen_once[(marker, convo)] == 0:
                 script.seen_once[(marker, convo)] += 1
@@ -90,9 +101,12 @@ def build_app(script: Script) -> FastAPI:
             verdict["scores_a"]["safety"] = 42
         if "BAD_WINNER" in convo:
             verdict["winner"] = "C"
+        content = json.dumps(verdict)
+        if "PROSE" in convo:
+            content = f"I think answer {winner} is better because it is kinder."
         return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
-                "message": {"role": "assistant", "content": json.dumps(verdict)}}],
+                "message": {"role": "assistant", "content": content}}],
                 "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
 
     return app

@@ -159,8 +159,8 @@ class OpenAIJudge:
                 self._on_latency(time.monotonic() - started)
 
     async def _call(self, messages: list[dict]) -> PairVerdict:
-        for _ in range(4):  # a refused parameter is adapted and sent again at once: not a failed attempt
-            body = self._body(messages)
+        while True:  # a refused parameter is adapted and sent again at once: not a failed attempt
+            body = self._body(messages)  # (finite: every adaptation only moves forward)
             response = await self._post(body)
             if response.status_code != 400 or not (body != self._body(messages) or self._adapt(response)):
                 break

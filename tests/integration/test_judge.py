@@ -166,3 +166,49 @@ def test_openai_backend_without_a_key_refuses_to_start(kafka, tmp_path):
     out = subprocess.run([PREFLOOP, "serve", "judge"], env={**proc.env, "PREFLOOP_JUDGE_API_KEY": ""},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "needs PREFLOOP_JUDGE_API_KEY" in out.stdout + out.stderr
+
+
+def test_refused_parameters_are_adapted_without_spending_retries(fake):
+    """An endpoint that takes neither structured output, temperature nor max_tokens (a reasoning
+    model, a small local server) still gets valid requests, each adaptation sent again at once."""
+    import asyncio
+
+    from shared.judging.openai_backend import OpenAIJudge
+    from shared.wire import ChatMessage
+
+    fake.script.refuse = {"json_schema", "json_object", "temperature", "max_tokens"}
+    judge = OpenAIJudge(base_url=fake.base_url, model="judge-x", api_key="k", max_retries=0, max_tokens=300)
+
+    async def both():
+        try:
+            conversation = [ChatMessage(role="user", content="My head hurts.")]
+            return [await judge.judge(conversation, GOOD, BAD), await judge.judge(conversation, BAD, GOOD)]
+        finally:
+            await judge.aclose()
+
+    first, second = asyncio.run(both())
+    assert (first.winner, second.winner) == ("A", "B")
+    final = fake.script.requests[-1]
+    assert "response_format" not in final and "temperature" not in final and "max_tokens" not in final
+    assert final["max_completion_tokens"] == 300
+    assert len(fake.script.requests) == 6  # four refusals, then one request per verdict
+
+
+def test_position_flips_and_malformed_replies_are_counted_never_labelled(kafka, producer, tmp_path, fake):
+    judge = judge_proc(kafka, tmp_path, fake, max_retries=1).start()
+    try:
+        fake.script.policy = "always_a"
+        producer.publish(CANDIDATES.with_prefix(kafka.topic_prefix),
+                         [candidates("My back hurts.", BAD, GOOD), candidates("PROSE knee", BAD, GOOD)])
+        abstentions = wait_for(lambda: (a := topic_events(kafka, ABSTENTIONS, 2)) and len(a) == 2 and a, 60,
+                               "both events abstained")
+        assert sorted(a.reason for a in abstentions) == ["failure", "inconsistent"]
+        dead = wait_for(lambda: topic_events(kafka, CANDIDATES.dead_letter, 1), 30, "the malformed event dead-lettered")
+        assert "malformed verdicts after 2 attempts" in dead[0].error
+        assert topic_events(kafka, PREFERENCES, 1, 2) == []
+        detail = judge.get("/status").json()["detail"]
+        assert detail["position_flips"] == 1 and detail["malformed_replies"] == 4
+        metrics = judge.get("/metrics").text
+        assert 'prefloop_judge_position_flips_total{favoured="A"} 1.0' in metrics
+    finally:
+        judge.kill()

@@ -18,7 +18,9 @@ from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo
 from shared.engine import GenerationEngine, GenerationRequest
 from shared.prompts import SYSTEM_PROMPT, with_system_prompt
 from shared.registry import ModelRegistry, sha256_file
-from shared.wire import ChatMessage, SamplingParams
+from shared.topics import ABSTENTIONS, CANDIDATES, PREFERENCES
+from shared.wire import Candidate, CandidatesEvent, ChatMessage, SamplingParams
+from tests.helpers import prompt, read_events, wait_for
 from tests.integration.procs import PREFLOOP, ServiceProcess
 
 KEY = "sk-real-model"
@@ -128,4 +130,46 @@ def test_the_gateway_serves_smollm2_through_the_openai_sdk(kafka, tmp_path, smol
             refused.chat.completions.create(model="prefloop", messages=question, response_format={"type": "json_object"})
         assert info.value.body["param"] == "response_format"
     finally:
+        gw.kill()
+
+
+@pytest.mark.timeout(600)  # a 135M model writing verdicts on 2 cores
+def test_smollm2_behind_the_gateway_is_a_real_weak_judge(kafka, producer, tmp_path, smollm2_registry):
+    """The judge's openai backend pointed at prefloop's own gateway serving SmolLM2: the gateway
+    refuses structured output, the judge adapts, and whatever a 135M model writes is either a
+    valid verdict in both orders or an abstention (and a dead letter): never a label from prose."""
+    gw = ServiceProcess("gateway", kafka, tmp_path, registry_dir=smollm2_registry, api_keys=KEY,
+                        outbox_dir=tmp_path / "outbox").start(timeout_s=180)
+    judge = ServiceProcess("judge", kafka, tmp_path, backend="openai", base_url=f"{gw.url}/v1", api_key=KEY,
+                           model="prefloop", max_tokens=96, max_retries=1, retry_base_s=0.01,
+                           request_timeout_s=300, cache_path=tmp_path / "cache.sqlite", batch_timeout_ms=100)
+    judge.start()
+    try:
+        good = "I am sorry you feel unwell. Rest, drink water, and please see a doctor if it gets worse."
+        bad = "It is nothing. Ignore it."
+        event = CandidatesEvent(producer="generator", prompt=prompt("I have had a headache for three days."),
+                                policy_version="v0001", prompt_tokens=9,
+                                candidates=[Candidate(text=t, completion_tokens=9, finish_reason="stop")
+                                            for t in (bad, good)])
+        producer.publish(CANDIDATES.with_prefix(kafka.topic_prefix), [event])
+
+        def outcomes():
+            prefs = read_events(kafka.bootstrap_servers, PREFERENCES.with_prefix(kafka.topic_prefix), 1, 1)
+            abst = read_events(kafka.bootstrap_servers, ABSTENTIONS.with_prefix(kafka.topic_prefix), 1, 1)
+            return (prefs, abst) if prefs or abst else None
+
+        prefs, abstentions = wait_for(outcomes, 400, "an outcome for the event", interval_s=2)
+        assert len(prefs) + len(abstentions) == 1
+        assert {e.prompt_id for e in prefs} | {a.prompt_id for a in abstentions} == {event.prompt_id}
+        for pref in prefs:  # a label only from a valid verdict, agreed in both orders
+            assert pref.chosen_scores and pref.rejected_scores and pref.reasoning and pref.judge_id == "openai:prefloop"
+        detail = judge.get("/status").json()["detail"]
+        assert detail["pairs"] + sum(a.reason == "failure" for a in abstentions) == 1
+        dead = read_events(kafka.bootstrap_servers, CANDIDATES.with_prefix(kafka.topic_prefix).dead_letter, 1, 2)
+        assert len(dead) == sum(a.reason == "failure" for a in abstentions)
+        assert all("verdict" in d.error for d in dead)
+        assert "now asking for none" in judge.log.read_text()  # the gateway refused json_schema and json_object
+        print(f"SmolLM2 as judge: {len(prefs)} preferences, abstentions {[a.reason for a in abstentions]}, {detail}")
+    finally:
+        judge.kill()
         gw.kill()

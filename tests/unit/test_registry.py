@@ -62,3 +62,22 @@ def test_incomplete_corrupt_or_pickled_versions_are_refused(tmp_path, tiny):
     (tmp_path / v2 / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(RegistryError, match="pickle"):
         reg.verified_path(v2)
+
+
+def test_a_child_is_saved_in_its_parents_dtype_with_its_provenance(tmp_path):
+    import copy
+
+    import torch
+    from safetensors import safe_open
+
+    from shared.registry import ModelSource
+
+    model, tok = random_tiny_model()
+    reg = ModelRegistry(tmp_path)
+    source = ModelSource(kind="preset", name="smollm2", license="Apache-2.0")
+    parent = reg.save(copy.deepcopy(model).to(torch.bfloat16), tok, kind="base", source=source)
+    assert parent.dtype == "bfloat16" and parent.kind == "base"
+    child = reg.save(model, tok, kind="dpo", parent=parent.version)  # merged in fp32
+    assert child.dtype == "bfloat16" and child.source == source
+    with safe_open(str(reg.verified_path(child.version) / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
