@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 
 import openai
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from services.trainer.base_models import PRESETS, preset_file
 from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo
+from shared.broker import free_port
 from shared.engine import GenerationEngine, GenerationRequest
 from shared.prompts import SYSTEM_PROMPT, with_system_prompt
 from shared.registry import ModelRegistry, sha256_file
@@ -173,3 +175,32 @@ def test_smollm2_behind_the_gateway_is_a_real_weak_judge(kafka, producer, tmp_pa
     finally:
         judge.kill()
         gw.kill()
+
+
+def test_up_with_smollm2_serves_it_and_refuses_a_registry_of_another_model(tmp_path, smollm2_registry):
+    from prefloop.stack import Stack
+
+    state = tmp_path / "up"
+    shutil.copytree(smollm2_registry, state / "registry")  # bootstrap itself is tested through the CLI above
+    with pytest.raises(RuntimeError, match="holds v0001 of 'smollm2', not 'tiny'"):
+        Stack(state, model="tiny").bootstrap(lambda msg: None)
+    port = free_port()
+    proc = subprocess.Popen([PREFLOOP, "up", "--model", "smollm2", "--state", str(state), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        def announced():
+            lines.append(proc.stdout.readline())
+            return any(x.startswith("API key: ") for x in lines) or proc.poll() is not None
+
+        wait_for(announced, 280, "the chat page announcement", interval_s=0)
+        key = next(x for x in lines if x.startswith("API key: ")).split(": ", 1)[1].strip()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="prefloop", max_tokens=64, seed=5,
+                                             messages=[{"role": "user", "content": "How can I sleep better?"}])
+        assert out.system_fingerprint == "v0001" and len(out.choices[0].message.content.split()) >= 5
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
