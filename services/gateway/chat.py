@@ -32,6 +32,10 @@ class ChatService:
             raise APIError(400, f"n must be at most {s.max_n}", "n")
         if len(body.messages) > s.max_messages:
             raise APIError(400, f"at most {s.max_messages} messages per request", "messages")
+        chars = sum(len(m.content) for m in body.messages)
+        if chars > s.max_prompt_chars:
+            raise APIError(400, f"the messages hold {chars} characters together; the limit is {s.max_prompt_chars}",
+                           "messages", "prompt_too_large")
         wanted = body.wanted_tokens(s.default_max_tokens)
         if wanted > s.max_tokens_cap:
             raise APIError(400, f"max_tokens must be at most {s.max_tokens_cap}", "max_tokens")
