@@ -24,6 +24,7 @@ FIRST_PARTY = ("shared", "services", "prefloop")
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 NOT_IN_SERVICES = {
     ("shared.prompts", "pyarrow"): "read_rows: parquet input of `prefloop ingest`; services read the shipped JSONL",
+    ("shared.prompts", "datasets"): "_dataset_rows: `prefloop ingest NAME` of a `datasets` dataset, never a service",
 }
 
 
