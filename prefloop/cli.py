@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.observability import configure_logging
+from shared.prompts import MAX_PROMPT_BYTES
 from shared.settings import KafkaSettings, LogSettings
 
 app = typer.Typer(help="prefloop: continuous preference alignment for chat LLMs.", no_args_is_help=True,
@@ -92,12 +93,14 @@ def ingest(
     limit: Optional[int] = typer.Option(None, min=1, help="ingest at most this many usable prompts"),
     system_prompt: Optional[str] = typer.Option(None, help="system prompt for rows without one (default: seed 001's)"),
     no_system_prompt: bool = typer.Option(False, help="do not add a system prompt"),
+    max_prompt_bytes: int = typer.Option(MAX_PROMPT_BYTES, min=1024, help="skip (and report) prompts whose event is larger: "
+                                         "candidates are added downstream, under Kafka's message size limit"),
 ) -> None:
     """Publish prompts as PromptEvents (dedupe, deterministic train/eval split, counts)."""
     from rich.progress import track
 
+    from shared.kafka import BrokerUnavailable, EventProducer, PublishRejected
     from shared.prompts import DEMO_PROMPTS, SYSTEM_PROMPT, IngestError, build_events
-    from shared.kafka import EventProducer
     from shared.topics import PROMPTS
 
     configure_logging(LogSettings(), "ingest")
@@ -105,21 +108,24 @@ def ingest(
     try:
         events, report = build_events(str(DEMO_PROMPTS) if source == "demo" else source,
                                       system_prompt=None if no_system_prompt else (system_prompt or SYSTEM_PROMPT),
-                                      eval_fraction=eval_fraction, n=n, limit=limit)
+                                      eval_fraction=eval_fraction, n=n, limit=limit, max_prompt_bytes=max_prompt_bytes)
     except IngestError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2)
     producer = EventProducer(kafka, "cli")
     topic = PROMPTS.with_prefix(kafka.topic_prefix)
+    chunks = [events[i:i + 500] for i in range(0, len(events), 500)]
     try:
-        futures = [producer.send(topic, e) for e in track(events, description="publishing", console=console)]
-        for future in futures:
-            future.get(timeout=kafka.produce_timeout_s)
+        for chunk in track(chunks, description="publishing", console=console):
+            producer.publish(topic, chunk)  # waits for the acks
+    except (BrokerUnavailable, PublishRejected) as exc:
+        console.print(f"[red]error:[/red] {exc} (prompts are content-addressed: running ingest again is safe)")
+        raise typer.Exit(code=1)
     finally:
         producer.close()
     console.print(f"rows {report.rows}, usable {report.usable} (train {report.train}, eval {report.eval}), "
-                  f"duplicates dropped {report.duplicates}, without a usable prompt {report.unusable}; "
-                  f"published {len(events)} to {topic.name}")
+                  f"duplicates dropped {report.duplicates}, without a usable prompt {report.unusable}, "
+                  f"too large {report.too_large}; published {len(events)} to {topic.name}")
     for line in report.unusable_rows:
         console.print(f"  skipped {line}")
 

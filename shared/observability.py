@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from shared.settings import LogSettings
+from shared.wire import Health, ServiceName
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,12 +56,18 @@ def new_registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)
 
 
-def health_router(registry: CollectorRegistry, ready: Callable[[], bool], service: str) -> APIRouter:
+def health_router(registry: CollectorRegistry, ready: Callable[[], bool], service: ServiceName,
+                  failing: Callable[[], list[str]] = list, degraded: Callable[[], list[str]] = list) -> APIRouter:
+    """`/healthz` answers 503 with what died when `failing()` names anything (a liveness probe then
+    restarts the pod), 200 `degraded` with what needs an operator, else 200 `ok`."""
     router = APIRouter()
 
     @router.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "service": service}
+    def healthz() -> JSONResponse:
+        dead, needs_operator = failing(), degraded()
+        status = "failing" if dead else "degraded" if needs_operator else "ok"
+        body = Health(service=service, status=status, problems=dead + needs_operator)
+        return JSONResponse(body.model_dump(mode="json"), status_code=503 if dead else 200)
 
     @router.get("/readyz", include_in_schema=False)
     def readyz() -> JSONResponse:

@@ -5,8 +5,10 @@ Field rules (the seed datasets' shapes): `messages` (a trailing assistant turn b
 reference answer), else `prompt`, else `input` (seed 001 uses `input` as the question), else
 `instruction`. Reference answers come from `reference_answer`, `output` or `response`. The
 configured system prompt is added when a row has none. Rows with no usable prompt are
-counted and reported with their row numbers; duplicates (same content id) are dropped; a
-deterministic hash of the prompt id puts `eval_fraction` of prompts into the eval split.
+counted and reported with their row numbers; so are prompts whose event would exceed
+`max_prompt_bytes` (the generator wraps the prompt with its candidates in one record, so the
+default leaves room under Kafka's 1 MiB message limit); duplicates (same content id) are dropped;
+a deterministic hash of the prompt id puts `eval_fraction` of prompts into the eval split.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from shared.kafka.codec import encode
 from shared.wire import ChatMessage, PromptEvent, SamplingParams
 
 SYSTEM_PROMPT = ("You are a helpful and empathetic medical assistant. Provide a clear, safe, and informative "
                  "response to the user's question. Always advise the user to consult a professional healthcare "
                  "provider for personal medical advice or diagnosis.")
 DEMO_PROMPTS = Path(__file__).resolve().parent / "data" / "demo_prompts.jsonl"
+MAX_PROMPT_BYTES = 262_144
 
 
 class IngestError(ValueError):
@@ -39,11 +43,20 @@ class IngestReport:
     unusable: int = 0
     unusable_rows: list[str] = field(default_factory=list)
     duplicates: int = 0
+    too_large: int = 0
     train: int = 0
     eval: int = 0
 
     def note_unusable(self, row: int, why: str) -> None:
         self.unusable += 1
+        self._note(row, why)
+
+    def note_too_large(self, row: int, why: str) -> None:
+        self.too_large += 1
+        self._note(row, why)
+
+    def _note(self, row: int, why: str) -> None:
+        """The first 20 skipped rows, with why (`unusable_rows` keeps its name for readers of the report)."""
         if len(self.unusable_rows) < 20:
             self.unusable_rows.append(f"row {row}: {why}")
 
@@ -143,8 +156,8 @@ def split_for(prompt_id: str, eval_fraction: float) -> str:
 
 
 def build_events(source: str, *, system_prompt: str | None = SYSTEM_PROMPT, eval_fraction: float = 0.1,
-                 n: int = 2, sampling: SamplingParams | None = None, limit: int | None = None
-                 ) -> tuple[list[PromptEvent], IngestReport]:
+                 n: int = 2, sampling: SamplingParams | None = None, limit: int | None = None,
+                 max_prompt_bytes: int = MAX_PROMPT_BYTES) -> tuple[list[PromptEvent], IngestReport]:
     report, seen, events = IngestReport(), set(), []
     sampling = sampling or SamplingParams()
     for row_no, row in read_rows(source):
@@ -156,6 +169,9 @@ def build_events(source: str, *, system_prompt: str | None = SYSTEM_PROMPT, eval
             draft = PromptEvent(producer="cli", messages=messages, reference_answer=reference, n=n, sampling=sampling)
         except (ValueError, ValidationError) as exc:
             report.note_unusable(row_no, str(exc).splitlines()[0])
+            continue
+        if (size := len(encode(draft))) > max_prompt_bytes:
+            report.note_too_large(row_no, f"the prompt event is {size} bytes, over the limit of {max_prompt_bytes}")
             continue
         if draft.id in seen:
             report.duplicates += 1

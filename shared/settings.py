@@ -26,6 +26,8 @@ class KafkaSettings(BaseSettings):
     request_timeout_ms: int = 30_000
     max_poll_records: int = 500
     produce_timeout_s: float = Field(30.0, description="how long to wait for a produce ack")
+    max_message_bytes: int = Field(1_048_576, ge=1024, description="largest record the producer sends (kafka-python's "
+                                   "max_request_size; keep it at or below the broker's message.max.bytes)")
 
 
 class LogSettings(BaseSettings):

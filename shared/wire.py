@@ -267,6 +267,28 @@ class DeadLetter(Event):
     attempts: int = Field(ge=0)
 
 
+class Health(WireModel):
+    """`GET /healthz` body of every service. `failing` (HTTP 503): a consume loop or a worker
+    thread died; the orchestrator should restart the process. `degraded` (HTTP 200): it runs but
+    needs an operator (e.g. the trainer stopped triggering after repeated failures)."""
+
+    service: ServiceName
+    status: Literal["ok", "degraded", "failing"]
+    problems: list[str] = Field(default_factory=list)
+
+
+class TriggerStatus(WireModel):
+    """The trainer's automatic trigger, as derived from its run history (`runs.jsonl`)."""
+
+    state: Literal["idle", "training", "backing_off", "halted"]
+    consecutive_failures: int = Field(ge=0)
+    max_consecutive_failures: int = Field(ge=1)
+    next_attempt_at: datetime | None = None
+    """`backing_off`: no automatic run before this time."""
+    last_error: str | None = None
+    detail: str = ""
+
+
 class ServiceStatus(WireModel):
     """`GET /status` body of the generator, judge and trainer."""
 
@@ -274,6 +296,8 @@ class ServiceStatus(WireModel):
     ready: bool
     policy_version: str | None = None
     detail: dict[str, float | int | str | None] = Field(default_factory=dict)
+    trigger: TriggerStatus | None = None
+    """The trainer's trigger (None for other services)."""
 
 
 class PairVerdict(WireModel):
@@ -302,6 +326,9 @@ class RunRecord(WireModel):
     pairs_new: int = 0
     pairs_replay: int = 0
     new_pair_ids: list[str] = Field(default_factory=list)
+    """New pairs this run trained on (pairs cut by `max_pairs_per_run` are not here: they stay new)."""
+    stale_pair_ids: list[str] = Field(default_factory=list)
+    """New pairs this run dropped as too old (`stale_versions`); used up like trained ones."""
     seconds: float | None = None
     eval_summary: EvalSummary | None = None
     run_dir: str | None = None

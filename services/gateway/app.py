@@ -16,7 +16,7 @@ from prometheus_client import Counter, Histogram
 from services.gateway import errors
 from services.gateway.auth import KeyRing, RateLimiter
 from services.gateway.chat import ChatService
-from services.gateway.errors import APIError
+from services.gateway.errors import APIError, BodySizeLimit
 from services.gateway.feedback import FeedbackPublisher, FeedbackRejected, feedback_events
 from services.gateway.serving import Batcher, ModelHolder
 from services.gateway.settings import GatewaySettings
@@ -25,6 +25,7 @@ from shared.kafka import ConsumeLoop, EventProducer, Received
 from shared.observability import health_router, new_registry
 from shared.openai_api import (AdminResult, ChatCompletion, ChatCompletionRequest, ErrorResponse, FeedbackAccepted,
                                FeedbackRequest, ModelCard, ModelList)
+from shared.outbox import Outbox
 from shared.registry import ModelRegistry, RegistryError
 from shared.service import LoopThreads
 from shared.topics import FEEDBACK, MODEL_UPDATES, PREFERENCES, PROMPTS, all_topics_with_dlq
@@ -32,7 +33,7 @@ from shared.wire import FeedbackEvent, ModelUpdatedEvent
 
 log = logging.getLogger(__name__)
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 410, 429, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 410, 413, 429, 503)}
 # With `stream: true` the 200 is server-sent events: each `data:` holds a chat.completion.chunk as
 # JSON, the last one `[DONE]`. The schema describes one event, as SSE tooling validates them.
 SSE_EVENT = {"type": "object", "required": ["data"],
@@ -60,6 +61,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     topics = {"feedback": FEEDBACK.with_prefix(prefix), "preferences": PREFERENCES.with_prefix(prefix),
               "prompts": PROMPTS.with_prefix(prefix)}
     state: dict = {}
+    loops = LoopThreads()
 
     def on_model_updated(batch: list[Received[ModelUpdatedEvent]]) -> None:
         newest = max(batch, key=lambda r: r.event.version).event
@@ -71,10 +73,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not len(keys):
             log.warning("no API keys configured (PREFLOOP_GATEWAY_API_KEYS): every chat request will get 401")
         producer = EventProducer(settings.kafka, "gateway", max_block_ms=2000)
-        publisher = FeedbackPublisher(EventProducer(settings.kafka, "gateway", max_block_ms=2000),
-                                      all_topics_with_dlq(prefix), settings.outbox_dir, settings.outbox_retry_s)
+        outbox = Outbox(Path(settings.outbox_dir) / "outbox.sqlite", all_topics_with_dlq(prefix), metrics, "feedback")
+        if (legacy := Path(settings.outbox_dir) / "outbox.jsonl").exists():
+            log.warning("queued %d events from the old JSON-lines outbox", outbox.import_jsonl(legacy))
+        publisher = FeedbackPublisher(EventProducer(settings.kafka, "gateway", max_block_ms=2000), outbox)
         batcher = Batcher(holder, metrics, settings.max_batch_sequences, settings.max_wait_ms)
-        loops = LoopThreads()
+        loops.run("feedback-outbox", lambda stop: publisher.relay_until(stop, settings.outbox_retry_s))
         loops.start(ConsumeLoop(MODEL_UPDATES.with_prefix(prefix), group_id=f"{settings.group_id}-{uuid.uuid4().hex[:8]}",
                                 handler=on_model_updated, kafka=settings.kafka, producer=producer, service="gateway",
                                 batch_size=16, registry=metrics))
@@ -85,12 +89,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             loops.stop(settings.shutdown_grace_s)
             batcher.stop()
-            publisher.stop()
+            publisher.close()
             producer.close()
 
     app = FastAPI(title="prefloop gateway", version="1", lifespan=lifespan)
     errors.install(app)
-    app.include_router(health_router(metrics, lambda: holder.engine is not None, "gateway"))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(health_router(metrics, lambda: holder.engine is not None, "gateway", failing=loops.dead))
 
     def api_key(authorization: Annotated[str | None, Header()] = None) -> str:
         kid = keys.check(authorization)

@@ -37,6 +37,10 @@ class ChatService:
             raise APIError(400, f"response_format {body.response_format.type!r} is not supported: this server samples "
                                 "without constrained decoding; send type 'text' or none", "response_format",
                            "unsupported_parameter")
+        chars = sum(len(m.content) for m in body.messages)
+        if chars > s.max_prompt_chars:
+            raise APIError(400, f"the messages hold {chars} characters together; the limit is {s.max_prompt_chars}",
+                           "messages", "prompt_too_large")
         wanted = body.wanted_tokens(s.default_max_tokens)
         if wanted > s.max_tokens_cap:
             raise APIError(400, f"max_tokens must be at most {s.max_tokens_cap}", "max_tokens")

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.openai_api import ErrorInfo, ErrorResponse
 
@@ -51,3 +52,30 @@ def install(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
         return error_response(500, "internal error; see the gateway log")
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 with an OpenAI error body, by its
+    Content-Length before anything is read, or (chunked) as soon as the bytes read exceed it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.message = f"the request body exceeds the limit of {max_bytes} bytes (PREFLOOP_GATEWAY_MAX_REQUEST_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, self.message, code="request_too_large")(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # FastAPI passes an HTTPException from reading the body through
+                raise StarletteHTTPException(413, self.message)
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,17 +1,15 @@
 """User feedback -> FeedbackEvent, plus a PreferenceEvent (a pick of two) or a re-queued
 PromptEvent carrying the rated answer (a rating). If the broker cannot take them, they go to a
-durable local outbox (JSON lines, fsynced) that a background thread drains once it is back:
-the client gets 202 either way and nothing is lost."""
+durable local outbox (sqlite) that a background thread drains once it is back: the client gets
+202 either way and nothing is lost (an event the broker refuses for good is kept aside, with why)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
-from pathlib import Path
 
 from shared.kafka import EventProducer
+from shared.outbox import Outbox
 from shared.topics import Topic
 from shared.wire import Candidate, Event, FeedbackEvent, PreferenceEvent, PromptEvent
 
@@ -51,74 +49,32 @@ def feedback_events(served, feedback: FeedbackEvent, topics: dict[str, Topic]) -
 
 
 class FeedbackPublisher:
-    def __init__(self, producer: EventProducer, topics: list[Topic], outbox_dir: str,
-                 retry_s: float, timeout_s: float = 5.0) -> None:
-        self._producer = producer  # renews its own connection after a failed publish
-        self._timeout = timeout_s
-        self._dir = Path(outbox_dir)
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._file = self._dir / "outbox.jsonl"
-        self._lock = threading.Lock()
-        self._topics = {t.name: t for t in topics}
-        self._stop = threading.Event()
-        self._retry_s = retry_s
-        self._thread = threading.Thread(target=self._drain_loop, name="feedback-outbox", daemon=True)
-        self._thread.start()
+    """Publishes feedback events; whatever the broker does not take at once goes to the durable
+    outbox (sqlite, `shared/outbox.py`), which the app's relay thread drains in order."""
 
-    @property
-    def queued(self) -> int:
-        with self._lock:
-            return len(self._file.read_text().splitlines()) if self._file.exists() else 0
+    def __init__(self, producer: EventProducer, outbox: Outbox, timeout_s: float = 5.0) -> None:
+        self._producer = producer  # renews its own connection after a failed publish
+        self.outbox = outbox
+        self._timeout = timeout_s
 
     def publish(self, items: list[tuple[Topic, Event]]) -> str:
-        """'accepted' if the broker acknowledged every event, else 'queued' in the durable outbox."""
-        if not self.queued:
+        """'accepted' if the broker acknowledged every event, else 'queued' in the durable outbox
+        (the events not yet acknowledged; a permanent rejection is moved aside there, with why)."""
+        sent = 0
+        if not len(self.outbox):  # otherwise queue behind what waits, to keep the order
             try:
                 for topic, event in items:
                     self._producer.publish(topic, [event], timeout_s=self._timeout)
+                    sent += 1
                 return "accepted"
-            except Exception as exc:  # noqa: BLE001 - any broker failure goes to the outbox
-                log.warning("broker unavailable for feedback (%s); writing to the outbox", type(exc).__name__)
-        self._append(items)
+            except Exception as exc:  # noqa: BLE001 - any failure goes to the outbox, which sorts it out
+                log.warning("feedback not published (%s); writing to the outbox", type(exc).__name__)
+        self.outbox.put(items[sent:])
         return "queued"
 
-    def _append(self, items: list[tuple[Topic, Event]]) -> None:
-        with self._lock, open(self._file, "a") as f:
-            for topic, event in items:
-                f.write(json.dumps({"topic": topic.name, "event": event.model_dump(mode="json")}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def relay_until(self, stop: threading.Event, retry_s: float) -> None:
+        self.outbox.relay_until(stop, self._producer, retry_s, self._timeout)
 
-    def _drain_loop(self) -> None:
-        while not self._stop.wait(self._retry_s):
-            try:
-                self.drain()
-            except Exception:  # noqa: BLE001 - keep retrying
-                log.info("outbox not drained yet; will retry")
-
-    def drain(self) -> int:
-        """Publish queued records in order; keep the ones not yet acknowledged. Returns how many were sent."""
-        with self._lock:
-            if not self._file.exists():
-                return 0
-            lines = [json.loads(x) for x in self._file.read_text().splitlines() if x.strip()]
-            sent = 0
-            for row in lines:
-                topic = self._topics.get(row["topic"])
-                if topic is None:
-                    break
-                event = topic.schema.model_validate(row["event"])
-                self._producer.publish(topic, [event], timeout_s=self._timeout)  # raises: keep the rest
-                sent += 1
-                remaining = lines[sent:]
-                tmp = self._file.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in remaining))
-                os.replace(tmp, self._file)
-            if sent:
-                log.info("outbox: delivered %d queued feedback records", sent)
-            return sent
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def close(self) -> None:
         self._producer.close()
+        self.outbox.close()

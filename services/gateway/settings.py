@@ -20,6 +20,9 @@ class GatewaySettings(ServiceSettings, AdminKeySettings):
     default_system_prompt: str = Field(SYSTEM_PROMPT, description="added when a request has no system message")
     max_n: int = Field(4, ge=1)
     max_messages: int = Field(32, ge=1)
+    max_prompt_chars: int = Field(200_000, ge=1, description="characters of all messages of one request together")
+    max_request_bytes: int = Field(524_288, ge=1024, description="request body size limit (413 above); keeps the "
+                                   "feedback events built from a request within Kafka's message size")
     default_max_tokens: int = Field(128, ge=1)
     max_tokens_cap: int = Field(512, ge=1)
     requests_per_minute: int = Field(600, ge=1, description="per key")
@@ -27,7 +30,8 @@ class GatewaySettings(ServiceSettings, AdminKeySettings):
     response_ttl_s: float = Field(3600.0, gt=0, description="how long served responses accept feedback")
     max_batch_sequences: int = Field(32, ge=1, description="dynamic batching: sequences per generate call")
     max_wait_ms: int = Field(15, ge=0, description="dynamic batching: wait to fill a batch")
-    outbox_dir: str = Field("var/gateway-outbox", description="durable feedback outbox when the broker is down")
+    outbox_dir: str = Field("var/gateway-outbox", description="durable feedback outbox (outbox.sqlite) when the "
+                            "broker is down")
     outbox_retry_s: float = Field(2.0, gt=0)
 
     def keys(self) -> list[str]:

@@ -26,10 +26,11 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
     metrics = new_registry()
     prefix = settings.kafka.topic_prefix
     state: dict = {}
+    loops = LoopThreads()
 
     def ready() -> bool:
-        sampler, loops = state.get("sampler"), state.get("loops")
-        return bool(sampler and sampler.ready and loops and loops.healthy and state.get("consuming"))
+        sampler = state.get("sampler")
+        return bool(sampler and sampler.ready and loops.healthy and state.get("consuming"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,8 +38,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
         sampler = CandidateSampler(ModelRegistry(settings.registry_dir), producer, CANDIDATES.with_prefix(prefix),
                                    PROMPTS.with_prefix(prefix).dead_letter, metrics,
                                    max_batch_sequences=settings.max_batch_sequences, overflow=settings.overflow)
-        loops = LoopThreads()
-        state.update(sampler=sampler, loops=loops)
+        state.update(sampler=sampler)
         common = dict(kafka=settings.kafka, producer=producer, service="generator", registry=metrics,
                       max_attempts=settings.max_attempts, shutdown_grace_s=settings.shutdown_grace_s)
         # Every instance must see every model update: a group of its own.
@@ -71,7 +71,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             producer.close()
 
     app = FastAPI(title="prefloop generator", lifespan=lifespan)
-    app.include_router(health_router(metrics, ready, "generator"))
+    app.include_router(health_router(metrics, ready, "generator", failing=loops.dead))
 
     @app.get("/status")
     def status() -> ServiceStatus:

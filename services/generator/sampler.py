@@ -10,7 +10,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.engine import GenerationEngine, GenerationRequest
-from shared.kafka import EventProducer, Received
+from shared.kafka import EventProducer, Received, publish_dead_letters
 from shared.registry import ModelRegistry
 from shared.topics import Topic
 from shared.wire import CandidatesEvent, ModelUpdatedEvent, PromptEvent
@@ -101,6 +101,6 @@ class CandidateSampler:
         # Publish (acks awaited) before the loop commits the prompts.
         self._producer.publish(self._candidates, events)
         if dead:
-            self._producer.publish(self._prompts_dlq, dead)
+            publish_dead_letters(self._producer, self._prompts_dlq, dead)
             self.rejected_total.inc(len(dead))
         self.candidates_total.inc(sum(len(e.candidates) for e in events))

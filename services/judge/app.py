@@ -25,6 +25,7 @@ def create_app(settings: JudgeSettings) -> FastAPI:
     stats = JudgeStats(metrics)
     prefix = settings.kafka.topic_prefix
     state: dict = {}
+    loops = LoopThreads()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -32,37 +33,34 @@ def create_app(settings: JudgeSettings) -> FastAPI:
         service = JudgeService(settings, producer, stats, preferences=PREFERENCES.with_prefix(prefix),
                                abstentions=ABSTENTIONS.with_prefix(prefix),
                                candidates_dlq=CANDIDATES.with_prefix(prefix).dead_letter)
-        loops = LoopThreads()
         loop = loops.start(ConsumeLoop(CANDIDATES.with_prefix(prefix), group_id=settings.group_id,
                                        handler=service.handle, kafka=settings.kafka, producer=producer,
                                        service="judge", batch_size=settings.batch_size,
                                        batch_timeout_ms=settings.batch_timeout_ms, max_attempts=settings.max_attempts,
                                        shutdown_grace_s=settings.shutdown_grace_s, registry=metrics))
-        state.update(loops=loops, loop=loop)
-        stop = threading.Event()
+        state.update(loop=loop)
 
-        def health_log() -> None:
+        def health_log(stop: threading.Event) -> None:
             while not stop.wait(settings.health_log_interval_s):
                 stats.log_line()
 
-        threading.Thread(target=health_log, name="judge-health", daemon=True).start()
+        loops.run("judge-health", health_log)
         log.info("judge %s ready (backend %s%s)", settings.judge_id, settings.backend,
                  ", an offline stand-in, not an LLM" if settings.backend == "rubric" else f" at {settings.base_url}")
         try:
             yield
         finally:
-            stop.set()
             loops.stop(settings.shutdown_grace_s)
             stats.log_line()
             service.close()
             producer.close()
 
     app = FastAPI(title="prefloop judge", lifespan=lifespan)
-    app.include_router(health_router(metrics, lambda: bool(state.get("loops") and state["loops"].healthy), "judge"))
+    app.include_router(health_router(metrics, lambda: "loop" in state and loops.healthy, "judge",
+                                     failing=loops.dead))
 
     @app.get("/status")
     def status() -> ServiceStatus:
-        return ServiceStatus(service="judge", ready=bool(state.get("loops") and state["loops"].healthy),
-                             detail=stats.summary())
+        return ServiceStatus(service="judge", ready="loop" in state and loops.healthy, detail=stats.summary())
 
     return app

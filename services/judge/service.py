@@ -13,7 +13,7 @@ from shared.judging.openai_backend import OpenAIJudge
 from shared.judging.pairwise import PairwiseJudge
 from services.judge.settings import JudgeSettings
 from shared.judging.stats import JudgeStats
-from shared.kafka import EventProducer, Received
+from shared.kafka import EventProducer, Received, publish_dead_letters
 from shared.topics import Topic
 from shared.wire import CandidatesEvent
 
@@ -44,7 +44,7 @@ class JudgeService:
         self._producer.publish(self._preferences, prefs)
         self._producer.publish(self._abstentions, abstentions)
         if dead:
-            self._producer.publish(self._dlq, dead)
+            publish_dead_letters(self._producer, self._dlq, dead)
         if isinstance(self.backend, OpenAIJudge):
             self.stats.tokens.labels("prompt").set(self.backend.usage.prompt_tokens)
             self.stats.tokens.labels("completion").set(self.backend.usage.completion_tokens)

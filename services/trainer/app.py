@@ -7,15 +7,19 @@ import hmac
 import logging
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, Header, HTTPException, status
+from prometheus_client import Counter
 
 from services.trainer.ledger import PreferenceLedger
 from services.trainer.runner import TrainingRunner
 from services.trainer.settings import TrainerSettings
-from shared.kafka import ConsumeLoop, EventProducer, Received
+from services.trainer.trigger import OPERATOR_TRIGGER
+from shared.kafka import ConsumeLoop, EventProducer, Received, publish_dead_letters
 from shared.observability import health_router, new_registry
+from shared.outbox import Outbox
 from shared.registry import ModelRegistry
 from shared.service import LoopThreads
 from shared.topics import MODEL_UPDATES, PREFERENCES
@@ -42,7 +46,7 @@ class LedgerWriter:
                 keep.append(e)
         added = self.ledger.append(keep)  # fsynced before returning; only then does the loop commit
         if dead:
-            self._producer.publish(self._dlq, dead)
+            publish_dead_letters(self._producer, self._dlq, dead)
         log.info("ledger +%d new pairs (%d duplicates, %d rejected), %d total", added, len(keep) - added,
                  len(dead), len(self.ledger))
 
@@ -51,23 +55,25 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     metrics = new_registry()
     prefix = settings.kafka.topic_prefix
     state: dict = {}
+    loops = LoopThreads()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         producer = EventProducer(settings.kafka, "trainer")
         ledger = PreferenceLedger(settings.ledger_dir)
-        runner = TrainingRunner(settings, ledger, ModelRegistry(settings.registry_dir), producer,
-                                MODEL_UPDATES.with_prefix(prefix), metrics)
+        Counter("prefloop_trainer_ledger_skipped_lines", "unreadable ledger lines skipped when the ledger was loaded",
+                registry=metrics).inc(len(ledger.skipped))
+        updates = MODEL_UPDATES.with_prefix(prefix)
+        outbox = Outbox(Path(settings.runs_dir) / "outbox.sqlite", [updates], metrics, "model-updates")
+        runner = TrainingRunner(settings, ledger, ModelRegistry(settings.registry_dir), outbox, updates, metrics)
         writer = LedgerWriter(ledger, producer, PREFERENCES.with_prefix(prefix).dead_letter, settings.max_text_chars)
-        loops = LoopThreads()
         loops.start(ConsumeLoop(PREFERENCES.with_prefix(prefix), group_id=settings.group_id, handler=writer.handle,
                                 kafka=settings.kafka, producer=producer, service="trainer",
                                 batch_size=settings.batch_size, batch_timeout_ms=settings.batch_timeout_ms,
                                 max_attempts=settings.max_attempts, shutdown_grace_s=settings.shutdown_grace_s,
                                 registry=metrics))
-        stop = threading.Event()
 
-        def trigger_loop() -> None:
+        def trigger_loop(stop: threading.Event) -> None:
             while not stop.wait(settings.check_interval_s):
                 try:
                     if not runner.busy and (reason := runner.trigger_reason()):
@@ -75,21 +81,29 @@ def create_app(settings: TrainerSettings) -> FastAPI:
                 except Exception:  # noqa: BLE001 - the trigger must survive a bad check
                     log.exception("trigger check failed")
 
-        threading.Thread(target=trigger_loop, name="trainer-trigger", daemon=True).start()
-        state.update(runner=runner, loops=loops, ledger=ledger)
+        # its own client, so a broker outage blocks only the announcements (max_block_ms)
+        announcer = EventProducer(settings.kafka, "trainer", max_block_ms=5000)
+        loops.run("trainer-trigger", trigger_loop)
+        loops.run("model-update-outbox", lambda stop: outbox.relay_until(stop, announcer, settings.announce_retry_s))
+        state.update(runner=runner, ledger=ledger)
         try:
             yield
         finally:
-            stop.set()
             loops.stop(settings.shutdown_grace_s)
+            announcer.close()
             producer.close()
+            outbox.close()
 
     app = FastAPI(title="prefloop trainer", lifespan=lifespan)
 
     def ready() -> bool:
-        return bool(state.get("loops") and state["loops"].healthy)
+        return "runner" in state and loops.healthy
 
-    app.include_router(health_router(metrics, ready, "trainer"))
+    def needs_operator() -> list[str]:
+        trigger = state["runner"].trigger_status() if "runner" in state else None
+        return [f"{trigger.detail} (last error: {trigger.last_error})"] if trigger and trigger.state == "halted" else []
+
+    app.include_router(health_router(metrics, ready, "trainer", failing=loops.dead, degraded=needs_operator))
 
     @app.get("/runs")
     def runs() -> list[RunRecord]:
@@ -100,10 +114,12 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         runner = state["runner"]
         return ServiceStatus(service="trainer", ready=ready(), policy_version=runner.registry.current(),
                              detail={"ledger_pairs": len(state["ledger"]), "new_pairs": len(runner.new_pair_ids()),
-                                     "training": int(runner.busy)})
+                                     "training": int(runner.busy), "announcements_queued": len(runner.outbox)},
+                             trigger=runner.trigger_status())
 
     @app.post("/train", status_code=status.HTTP_202_ACCEPTED, responses={401: {}, 409: {}, 503: {}})
     def train(authorization: Annotated[str | None, Header()] = None) -> TrainAccepted:
+        """Start a run now: also after failures, and it resets the failure count (see trigger.py)."""
         if not settings.admin_key:
             raise HTTPException(503, "POST /train is disabled: set PREFLOOP_TRAINER_ADMIN_KEY")
         token = (authorization or "").removeprefix("Bearer ").strip()
@@ -112,7 +128,7 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         runner = state["runner"]
         if not runner.new_pair_ids():
             raise HTTPException(409, "no new pairs to train on")
-        if not runner.start_run("POST /train"):
+        if not runner.start_run(OPERATOR_TRIGGER):
             raise HTTPException(409, "a training run is already in progress")
         return TrainAccepted(accepted=True, detail="training run started")
 

@@ -3,7 +3,9 @@ pair id (a content hash), so a redelivered preference is recognised and dropped.
 
 The consume loop commits offsets only after `append` returned, i.e. after the fsync.
 A torn last line (a crash mid-write) is detected on open and cut off; its record was not
-committed, so Kafka delivers it again.
+committed, so Kafka delivers it again. An unreadable line anywhere else (a bad disk block, a
+hand edit) is not a torn write: it is logged, listed in `skipped` and left out, and every line
+after it is kept. `events()` reads with the same rules, so it agrees with `ids`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from shared.ids import content_id
 from shared.wire import PreferenceEvent
@@ -33,6 +37,8 @@ class PreferenceLedger:
         self._split: dict[str, str] = {}
         self._segment: Path | None = None
         self._segment_lines = 0
+        self.skipped: list[str] = []
+        """Unreadable lines skipped on open (`segment:line: reason`), not counting a torn tail."""
         self._load()
 
     def _segments(self) -> list[Path]:
@@ -40,26 +46,49 @@ class PreferenceLedger:
 
     def _load(self) -> None:
         for seg in self._segments():
-            good_bytes, lines = 0, 0
-            with open(seg, "rb") as f:
-                for raw in f:
-                    try:
-                        row = json.loads(raw)
-                        pair_id, split = row["id"], row.get("split", "train")
-                    except (ValueError, KeyError):
-                        log.warning("ledger %s: cutting a torn record at byte %d", seg.name, good_bytes)
-                        break
-                    good_bytes += len(raw)
-                    lines += 1
-                    if pair_id not in self._ids:
-                        self._ids.add(pair_id)
-                        self._order.append(pair_id)
-                        self._split[pair_id] = split
-            if good_bytes != seg.stat().st_size:
-                with open(seg, "r+b") as f:
-                    f.truncate(good_bytes)
-                    os.fsync(f.fileno())
+            lines = 0
+            for _, event in self._read(seg, report=True):
+                lines += 1
+                if event.id not in self._ids:
+                    self._ids.add(event.id)
+                    self._order.append(event.id)
+                    self._split[event.id] = event.split
             self._segment, self._segment_lines = seg, lines
+
+    def _read(self, seg: Path, report: bool = False) -> Iterator[tuple[int, PreferenceEvent]]:
+        """(line number, event) of each readable line. With `report` (on open, before any append):
+        cut a torn last line off the file and note unreadable lines elsewhere in `skipped`."""
+        with open(seg, "rb") as f:
+            raw_lines = f.read().splitlines(keepends=True)
+        end = 0
+        for number, raw in enumerate(raw_lines, 1):
+            try:
+                event = PreferenceEvent.model_validate_json(raw) if raw.strip() else None
+            except ValidationError as exc:
+                if number == len(raw_lines):  # a crash mid-append: never fsynced, so never committed
+                    if report:
+                        log.warning("ledger %s: cutting a torn last line at byte %d", seg.name, end)
+                        self._truncate(seg, end)
+                    return
+                if report:
+                    reason = str(exc).splitlines()[0][:200]
+                    self.skipped.append(f"{seg.name}:{number}: {reason}")
+                    log.error("ledger %s:%d: skipping an unreadable line (%s); the lines after it are kept",
+                              seg.name, number, reason)
+                event = None
+            end += len(raw)
+            if event is not None:
+                yield number, event
+        if report and raw_lines and not raw_lines[-1].endswith(b"\n"):
+            with open(seg, "ab") as f:  # a complete last record without its newline: finish the line
+                f.write(b"\n")
+                os.fsync(f.fileno())
+
+    @staticmethod
+    def _truncate(seg: Path, size: int) -> None:
+        with open(seg, "r+b") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -102,16 +131,9 @@ class PreferenceLedger:
         wanted = set(ids) if ids is not None else None
         out: dict[str, PreferenceEvent] = {}
         for seg in self._segments():
-            with open(seg) as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        e = PreferenceEvent.model_validate_json(line)
-                    except ValueError:
-                        continue  # a torn tail not yet cut (another process is writing)
-                    if (wanted is None or e.id in wanted) and e.id not in out:
-                        out[e.id] = e
+            for _, e in self._read(seg):  # a torn tail another process is still writing is skipped too
+                if (wanted is None or e.id in wanted) and e.id not in out:
+                    out[e.id] = e
         return list(out.values())
 
     # -- snapshots -------------------------------------------------------------

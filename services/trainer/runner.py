@@ -1,13 +1,20 @@
 """One training run at a time: select pairs (new + replay), DPO, merge, register, gate,
 promote and announce (or record why not). Runs are recorded in `runs.jsonl` (append-only;
-the last record of a run id wins), so a restarted trainer knows which pairs are new: pairs
-of a run that never finished (crash) count as new again and are trained on after restart.
+the last record of a run id wins), so a restarted trainer knows which pairs are new: only
+the pairs a promoted or rejected run trained on (or dropped as stale) are used up; pairs of a
+failed run, of one that never finished (crash), or cut by `max_pairs_per_run` stay new.
+
+A promotion is announced through a durable outbox (`<runs_dir>/outbox.sqlite`, relayed by the
+app's thread): promote, queue the ModelUpdatedEvent, record the run promoted; the event goes out
+whenever the broker takes it, also after a restart. A run a previous process left `running` is
+recorded on start: promoted (and announced) if its version became current, else failed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -18,22 +25,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import BaseModel
 
 from services.trainer.bootstrap import load_conversations
 from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo
 from services.trainer.gate import evaluate_gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from services.trainer.settings import TrainerSettings
+from services.trainer.trigger import trigger_status
 from shared.engine import GenerationEngine
 from shared.evaluation import EvalPrompt
 from shared.judging.pairwise import PairwiseJudge
 from shared.judging.stats import JudgeStats
-from shared.kafka import EventProducer
 from shared.observability import new_registry
+from shared.outbox import Outbox
 from shared.prompts import DEMO_PROMPTS, build_events
 from shared.registry import ModelRegistry
 from shared.topics import Topic
-from shared.wire import ModelUpdatedEvent, PreferenceEvent, RunRecord
+from shared.wire import EvalSummary, ModelUpdatedEvent, PreferenceEvent, RunRecord, TriggerStatus
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +51,36 @@ def version_number(version: str | None) -> int:
     return int(version[1:]) if version and version[1:].isdigit() else 0
 
 
+class Selection(BaseModel):
+    """What one run trains on, and which new pairs it uses up."""
+
+    new: list[PreferenceEvent]
+    replay: list[PreferenceEvent]
+    heldout: list[PreferenceEvent]
+    stale_ids: list[str]
+    """New pairs dropped as too old (`stale_versions`): used up without training."""
+
+    @property
+    def train(self) -> list[PreferenceEvent]:
+        return self.new + self.replay
+
+
 class TrainingRunner:
     def __init__(self, settings: TrainerSettings, ledger: PreferenceLedger, registry: ModelRegistry,
-                 producer: EventProducer, model_updates: Topic, metrics: CollectorRegistry) -> None:
+                 outbox: Outbox, model_updates: Topic, metrics: CollectorRegistry) -> None:
         self.settings = settings
         self.ledger = ledger
         self.registry = registry
-        self._producer = producer
+        self.outbox = outbox
         self._model_updates = model_updates
         self.runs_dir = Path(settings.runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._runs_file = self.runs_dir / "runs.jsonl"
         self._lock = threading.Lock()
+        if self._runs_file.exists() and self._runs_file.read_bytes()[-1:] not in (b"", b"\n"):
+            with open(self._runs_file, "ab") as f:  # a torn last record: later records start a line of their own
+                f.write(b"\n")
+        self._reconcile_interrupted()
         # the interval trigger counts from the last finished run, across restarts (wall clock)
         finished = [r.finished.timestamp() for r in self.runs() if r.finished is not None]
         self._last_run_at = max(finished, default=time.time())
@@ -62,21 +89,59 @@ class TrainingRunner:
         self.ledger_size = Gauge("prefloop_trainer_ledger_pairs", "pairs in the ledger", registry=metrics)
         self.pending = Gauge("prefloop_trainer_pairs_since_last_run", "new pairs not yet trained on",
                              registry=metrics)
+        self.consecutive_failures = Gauge("prefloop_trainer_consecutive_failed_runs",
+                                          "failed runs since the last promoted/rejected or operator-started one",
+                                          registry=metrics)
+        self.halted = Gauge("prefloop_trainer_trigger_halted", "1 while automatic training is halted after "
+                            "max_consecutive_failures failed runs", registry=metrics)
 
     # -- run history -----------------------------------------------------------
     def runs(self) -> list[RunRecord]:
         if not self._runs_file.exists():
             return []
         latest: dict[str, RunRecord] = {}
-        for line in self._runs_file.read_text().splitlines():
-            if line.strip():
-                record = RunRecord.model_validate_json(line)
+        for number, line in enumerate(self._runs_file.read_text().splitlines(), 1):
+            try:
+                record = RunRecord.model_validate_json(line) if line.strip() else None
+            except ValueError:  # a torn last record (a crash mid-write); its run shows as running or failed
+                log.warning("%s:%d: skipping an unreadable run record", self._runs_file, number)
+                continue
+            if record is not None:
                 latest[record.run_id] = record
         return list(latest.values())
 
     def _record(self, record: RunRecord) -> None:
         with open(self._runs_file, "a") as f:
             f.write(record.model_dump_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _reconcile_interrupted(self) -> None:
+        """Runs left `running` by a previous process: promoted if their version became current (then
+        announce it: the process may have died before queueing the event), else failed."""
+        interrupted = {r.run_id: r for r in self.runs() if r.status == "running"}
+        if not interrupted:
+            return
+        produced = {m.metrics.get("run_id"): m for m in self.registry.list()}
+        promoted = set(self.registry.promotion_stack())
+        now = datetime.now(timezone.utc)
+        for run_id, record in interrupted.items():
+            meta = produced.get(run_id)
+            if meta is not None and meta.version in promoted:
+                summary = EvalSummary.model_validate(meta.metrics.get("eval_summary") or {})
+                self._announce(meta.version, record.parent, summary)
+                record = record.model_copy(update={"status": "promoted", "version": meta.version, "finished": now,
+                                                   "eval_summary": summary})
+            else:
+                record = record.model_copy(update={"status": "failed", "finished": now,
+                                                   "error": "interrupted: the trainer stopped during this run"})
+            log.warning("run %s was interrupted by a restart; recorded as %s", run_id, record.status)
+            self._record(record)
+
+    def _announce(self, version: str, parent: str | None, summary: EvalSummary) -> None:
+        self.outbox.put([(self._model_updates, ModelUpdatedEvent(
+            producer="trainer", version=version, parent=parent, kind="dpo", location=str(self.registry.root / version),
+            eval_summary=summary))])
 
     @property
     def busy(self) -> bool:
@@ -84,13 +149,23 @@ class TrainingRunner:
 
     # -- trigger -------------------------------------------------------------
     def new_pair_ids(self) -> list[str]:
-        trained = {i for r in self.runs() if r.status in ("promoted", "rejected") for i in r.new_pair_ids}
-        return [i for i in self.ledger.ids if i not in trained and self.ledger.split_of(i) == "train"]
+        used = {i for r in self.runs() if r.status in ("promoted", "rejected")
+                for i in r.new_pair_ids + r.stale_pair_ids}
+        return [i for i in self.ledger.ids if i not in used and self.ledger.split_of(i) == "train"]
+
+    def trigger_status(self) -> TriggerStatus:
+        status = trigger_status(self.runs(), self.settings, self.busy)
+        self.consecutive_failures.set(status.consecutive_failures)
+        self.halted.set(int(status.state == "halted"))
+        return status
 
     def trigger_reason(self) -> str | None:
+        """Why an automatic run should start now, or None (nothing to do, backing off, halted)."""
         fresh = len(self.new_pair_ids())
         self.ledger_size.set(len(self.ledger))
         self.pending.set(fresh)
+        if self.trigger_status().state != "idle":
+            return None
         if fresh >= self.settings.min_new_pairs:
             return f"{fresh} new pairs >= {self.settings.min_new_pairs}"
         if fresh and time.time() - self._last_run_at >= self.settings.train_interval_min * 60:
@@ -112,18 +187,21 @@ class TrainingRunner:
             self._lock.release()
 
     # -- the run ---------------------------------------------------------------
-    def _select(self, new_ids: list[str], parent: str) -> tuple[list[PreferenceEvent], int, list[PreferenceEvent]]:
+    def _select(self, new_ids: list[str], parent: str) -> Selection:
         events = {e.id: e for e in self.ledger.events()}
         heldout = [events[i] for i in self.ledger.ids if i in events and events[i].split == "eval"]
+
         def fresh_enough(e: PreferenceEvent) -> bool:
             k = self.settings.stale_versions
             return not k or version_number(e.policy_version) >= version_number(parent) - k
-        new = [events[i] for i in new_ids if i in events and events[i].split == "train" and fresh_enough(events[i])]
-        new = new[-self.settings.max_pairs_per_run:]
+        new = [events[i] for i in new_ids if i in events and events[i].split == "train"]
+        stale = [e.id for e in new if not fresh_enough(e)]
+        new = [e for e in new if fresh_enough(e)][-self.settings.max_pairs_per_run:]  # the newest; the rest wait
         older = [e for i, e in events.items() if e.split == "train" and i not in set(new_ids) and fresh_enough(e)]
         rng = random.Random(f"{self.settings.seed}-{len(self.runs())}")
         replay = rng.sample(older, min(len(older), int(len(new) * self.settings.replay_fraction)))
-        return new + replay, len(replay), (heldout[-self.settings.heldout_pairs:] if self.settings.heldout_pairs else [])
+        return Selection(new=new, replay=replay, stale_ids=stale,
+                         heldout=heldout[-self.settings.heldout_pairs:] if self.settings.heldout_pairs else [])
 
     def eval_prompts(self, heldout: list[PreferenceEvent]) -> list[EvalPrompt]:
         seen, prompts = set(), []
@@ -145,18 +223,21 @@ class TrainingRunner:
         new_ids = self.new_pair_ids()
         parent = self.registry.current()
         record = RunRecord(run_id=run_id, status="running", trigger=trigger, started=datetime.now(timezone.utc),
-                           parent=parent, new_pair_ids=new_ids, run_dir=str(run_dir))
+                           parent=parent, run_dir=str(run_dir))
         self._record(record)
         log.info("run %s started (%s), parent %s", run_id, trigger, parent)
         try:
             if parent is None:
                 raise RuntimeError("the registry has no current version to train from")
-            train, n_replay, heldout = self._select(new_ids, parent)
+            selection = self._select(new_ids, parent)
+            train, heldout = selection.train, selection.heldout
             if not train:
                 raise RuntimeError("no trainable pairs (all new pairs are eval-split or stale)")
             snapshot = self.ledger.snapshot(e.id for e in train)
-            record = record.model_copy(update={"snapshot_id": snapshot, "pairs_new": len(train) - n_replay,
-                                               "pairs_replay": n_replay})
+            record = record.model_copy(update={"snapshot_id": snapshot, "pairs_new": len(selection.new),
+                                               "pairs_replay": len(selection.replay),
+                                               "new_pair_ids": [e.id for e in selection.new],
+                                               "stale_pair_ids": selection.stale_ids})
             parent_meta = self.registry.get(parent)
             parent_path = self.registry.verified_path(parent)
             # TrainerSettings carries the DPO fields under the same names.
@@ -181,9 +262,7 @@ class TrainingRunner:
                                    gate_details=gate.details)
             if gate.passed:
                 self.registry.promote(meta.version)
-                self._producer.publish(self._model_updates, [ModelUpdatedEvent(
-                    producer="trainer", version=meta.version, parent=parent, kind="dpo",
-                    location=str(self.registry.root / meta.version), eval_summary=gate.summary)])
+                self._announce(meta.version, parent, gate.summary)  # durable; the relay publishes it
                 log.info("run %s: promoted %s (win rate %.3f)", run_id, meta.version, gate.summary.win_rate_vs_parent)
             else:
                 log.warning("run %s: %s not promoted: %s", run_id, meta.version, "; ".join(gate.summary.gate_reasons))

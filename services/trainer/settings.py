@@ -25,6 +25,12 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     min_new_pairs: int = Field(32, ge=1, description="train when this many new pairs arrived since the last run")
     train_interval_min: float = Field(60.0, gt=0, description="or every T minutes if any new pair arrived")
     check_interval_s: float = Field(2.0, gt=0)
+    failure_backoff_s: float = Field(60.0, ge=0, description="after a failed run, wait this long before the next "
+                                     "automatic one; doubled per further consecutive failure")
+    failure_backoff_max_s: float = Field(3600.0, ge=0, description="the longest back-off wait")
+    max_consecutive_failures: int = Field(5, ge=1, description="stop triggering after this many failed runs in a "
+                                          "row, until POST /train")
+    announce_retry_s: float = Field(1.0, gt=0, description="how often queued model-update announcements are sent")
     # data selection
     replay_fraction: float = Field(0.5, ge=0, description="older ledger pairs mixed in, as a fraction of new pairs")
     stale_versions: int = Field(0, ge=0, description="drop pairs from policies more than K versions old (0 = keep)")

@@ -2,7 +2,9 @@
 that commits only after a batch was handled or dead-lettered."""
 
 from shared.kafka.codec import DecodeError, decode, encode
-from shared.kafka.consumer import ConsumeLoop, Received
-from shared.kafka.producer import EventProducer
+from shared.kafka.consumer import ConsumeLoop
+from shared.kafka.dead_letters import Received, publish_dead_letters
+from shared.kafka.producer import BrokerUnavailable, EventProducer, PublishRejected
 
-__all__ = ["ConsumeLoop", "DecodeError", "EventProducer", "Received", "decode", "encode"]
+__all__ = ["BrokerUnavailable", "ConsumeLoop", "DecodeError", "EventProducer", "PublishRejected", "Received", "decode",
+           "encode", "publish_dead_letters"]

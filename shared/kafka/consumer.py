@@ -6,19 +6,20 @@ batch, then isolate the failing records one by one; dead-letter what cannot be d
 or handled, with the reason; commit offsets only after all of that succeeded. On stop
 (SIGTERM), an in-flight batch gets `shutdown_grace_s` to finish, else it is abandoned
 uncommitted and will be redelivered. Handlers must be idempotent on the event id.
+
+A handler whose publish the broker cannot take for now (`BrokerUnavailable`) is waited out; one
+whose output the broker refuses for good (`PublishRejected`, e.g. too large) is not retried: the
+record is isolated and dead-lettered with that reason.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import signal
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -28,40 +29,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, stop_when_event_set, wait_exponential
 
 from shared.kafka.codec import DecodeError, decode
-from shared.kafka.producer import BrokerUnavailable, EventProducer
+from shared.kafka.dead_letters import Received, make_dead_letter, publish_dead_letters
+from shared.kafka.producer import BrokerUnavailable, EventProducer, PublishRejected
 from shared.settings import KafkaSettings
 from shared.topics import Topic
-from shared.wire import DeadLetter, Event, ServiceName
+from shared.wire import DeadLetter, ServiceName
 
 log = logging.getLogger(__name__)
-E = TypeVar("E", bound=Event)
-
-
-@dataclass(frozen=True)
-class Received(Generic[E]):
-    event: E
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    raw: bytes = b""
-
-    def dead_letter(self, service: ServiceName, kind: str, error: str, attempts: int) -> DeadLetter:
-        """A dead letter for this record, for handlers that reject a record themselves."""
-        return make_dead_letter(self.topic, self.partition, self.offset, self.key, self.raw, kind, error,
-                                service, attempts)
-
-
-def make_dead_letter(topic: str, partition: int, offset: int, key: str | None, value: bytes | None, kind: str,
-                     error: str, service: ServiceName, attempts: int) -> DeadLetter:
-    value = value or b""
-    try:
-        payload, encoding = value.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        payload, encoding = base64.b64encode(value).decode("ascii"), "base64"
-    return DeadLetter(producer=service, original_topic=topic, partition=partition, offset=offset, key=key,
-                      payload=payload, payload_encoding=encoding, error_kind=kind, error=error, service=service,
-                      attempts=attempts)
 
 
 BatchHandler = Callable[[list[Received]], None]
@@ -166,6 +140,7 @@ class ConsumeLoop:
             heartbeat_interval_ms=self._kafka.heartbeat_interval_ms,
             max_poll_interval_ms=self._kafka.max_poll_interval_ms,
             request_timeout_ms=self._kafka.request_timeout_ms,
+            bootstrap_timeout_ms=self._kafka.request_timeout_ms,  # no broker at start: the loop dies, /healthz says so
         )
         consumer.subscribe([self.topic.name], listener=_DropRevoked(self))
         log.info("consuming %s as group %s", self.topic.name, self._group_id)
@@ -243,7 +218,8 @@ class ConsumeLoop:
             dead.append(self._dead_letter(raw, item.key, "handler", f"{type(exc).__name__}: {exc}", attempts))
         if dead:
             # Wait for the DLQ acks before committing: a dead letter is never lost.
-            if not self._until_broker_takes_it(lambda: self._producer.publish(self.topic.dead_letter, dead)):
+            dlq = self.topic.dead_letter
+            if not self._until_broker_takes_it(lambda: publish_dead_letters(self._producer, dlq, dead)):
                 return False
             for d in dead:
                 self._metrics.dead.labels(self.topic.name, d.error_kind).inc()
@@ -272,7 +248,7 @@ class ConsumeLoop:
         return Retrying(
             stop=stop_after_attempt(self._max_attempts) | stop_when_event_set(self._stop),
             wait=wait_exponential(multiplier=self._retry_wait_s, max=5.0),
-            retry=retry_if_not_exception_type(BrokerUnavailable),
+            retry=retry_if_not_exception_type((BrokerUnavailable, PublishRejected)),  # waited out / hopeless
             reraise=True,
         )
 

@@ -1,9 +1,12 @@
 """Idempotent, acks=all producer for wire events.
 
-A failed publish raises `BrokerUnavailable` and renews the underlying client: a restarted broker
-may not know the old producer id (Tansu forgets them), and a fresh client gets a new one. The
-consume loop treats `BrokerUnavailable` as the broker's fault, not the record's: it retries the
-batch until the broker is back, and never dead-letters a record for it."""
+A publish fails in one of two ways:
+- `PublishRejected`: the record itself can never be written as it is (too large for
+  `max_request_size` or the broker's limit, an invalid record or topic). Retrying is pointless;
+  the consume loop dead-letters the record that produced it, with the reason.
+- `BrokerUnavailable`: anything else (broker down, timeouts, no leader, a producer id a
+  restarted broker forgot, missing authorization). The underlying client is renewed (a fresh
+  producer id) and the consume loop waits the broker out; no record is blamed for it."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ import logging
 from collections.abc import Iterable
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import (CorruptRecordError, InvalidRecordError, InvalidTimestampError, InvalidTopicError,
+                          KafkaError, MessageSizeTooLargeError, RecordListTooLargeError)
 
 from shared.kafka.codec import encode
 from shared.settings import KafkaSettings
@@ -21,8 +25,24 @@ from shared.wire import Event
 log = logging.getLogger(__name__)
 
 
+# Errors about the record or request itself: the same record fails again however long we wait.
+# kafka-python's `.retriable` is not enough on its own: e.g. BrokerNotAvailableError and
+# UnknownProducerIdError are "not retriable" for the same client, yet a renewed client gets past them.
+RECORD_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError,
+                 InvalidTopicError, InvalidTimestampError)
+
+
 class BrokerUnavailable(Exception):
     """Publishing failed for the broker's sake (down, timed out, lost our producer id)."""
+
+
+class PublishRejected(Exception):
+    """The broker (or the client, before sending) refuses this record for good, e.g. too large."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True if retrying the same record cannot succeed (see RECORD_ERRORS)."""
+    return isinstance(exc, RECORD_ERRORS)
 
 
 class EventProducer:
@@ -40,9 +60,14 @@ class EventProducer:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
+            max_request_size=kafka.max_message_bytes,
             request_timeout_ms=kafka.request_timeout_ms,
             max_block_ms=self._max_block_ms,
         )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._settings.max_message_bytes
 
     def renew(self) -> None:
         """Drop the client; the next send connects afresh (with a new producer id)."""
@@ -65,12 +90,16 @@ class EventProducer:
 
     def publish(self, topic: Topic, events: Iterable[Event], key: str | None = None,
                 timeout_s: float | None = None) -> int:
-        """Send events and block until every one is acknowledged; `BrokerUnavailable` if any is not."""
+        """Send events and block until every one is acknowledged. `PublishRejected` if a record can
+        never be written (the others may have been); `BrokerUnavailable` for any other failure."""
         try:
             futures = [self.send(topic, event, key) for event in events]
             for future in futures:
                 future.get(timeout=timeout_s or self._settings.produce_timeout_s)
         except KafkaError as exc:
+            if is_permanent(exc):
+                log.warning("publish to %s rejected for good: %r", topic.name, exc)
+                raise PublishRejected(f"{topic.name} refuses the record: {exc!r}") from exc
             log.warning("publish to %s failed (%r); renewing the producer", topic.name, exc)
             self.renew()
             raise BrokerUnavailable(f"publish to {topic.name} failed: {exc!r}") from exc

@@ -58,16 +58,16 @@ def test_ingest_publishes_deduped_split_prompts_and_reports_counts(kafka, tmp_pa
 
     src = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"Question {i} about sleep?"} for i in range(30)] + [{"prompt": "Question 1 about sleep?"},
-                                                                              {"input": ""}]
+                                                                              {"input": ""}, {"prompt": "why " * 500}]
     src.write_text("\n".join(_json.dumps(r) for r in rows))
     env = {**os.environ, "PREFLOOP_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
            "PREFLOOP_KAFKA_TOPIC_PREFIX": kafka.topic_prefix}
-    out = subprocess.run([PREFLOOP, "ingest", str(src), "--eval-fraction", "0.2"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([PREFLOOP, "ingest", str(src), "--eval-fraction", "0.2", "--max-prompt-bytes", "1500"],
+                         env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     text = " ".join(out.stdout.split())
     assert "usable 30" in text and "duplicates dropped 1" in text and "without a usable prompt 1" in text
-    assert "skipped row 32" in text
+    assert "too large 1" in text and "skipped row 32" in text and "skipped row 33: the prompt event is" in text
     events = read_events(kafka.bootstrap_servers, PROMPTS.with_prefix(kafka.topic_prefix), 30)
     assert len({e.id for e in events}) == 30 and {e.split for e in events} == {"train", "eval"}
     assert all(e.messages[0].role == "system" for e in events)

@@ -45,6 +45,12 @@ def test_overlay_renders_and_validates(overlay):
     w = workloads(docs)
     assert {"generator", "judge", "trainer", "gateway", "bootstrap"} <= set(w)
     assert w["trainer"]["kind"] == "StatefulSet" and w["trainer"]["spec"]["volumeClaimTemplates"]
+    # the gateway's feedback outbox outlives its pod: a volume per replica, and the HPA scales the StatefulSet
+    assert w["gateway"]["kind"] == "StatefulSet"
+    assert [t["metadata"]["name"] for t in w["gateway"]["spec"]["volumeClaimTemplates"]] == ["outbox"]
+    assert not [v for v in w["gateway"]["spec"]["template"]["spec"]["volumes"] if v["name"] == "outbox"]
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "gateway"}
     for name in ("generator", "judge", "trainer", "gateway"):
         pod = w[name]["spec"]["template"]["spec"]
         c = pod["containers"][0]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import sqlite3
 import threading
 
 import httpx
@@ -27,9 +29,11 @@ def registry_copy(tiny_registry, tmp_path):
 
 @pytest.fixture
 def gateway(kafka, tmp_path, registry_copy):
+    # 32 streaming clients x up to 40 requests each must not meet the per-key rate limit (the
+    # 429 path has its own test below)
     gw = ServiceProcess("gateway", kafka, tmp_path, registry_dir=registry_copy.root, api_keys=f"{KEY},{OTHER}",
                         admin_key=ADMIN, outbox_dir=tmp_path / "outbox", default_max_tokens=48,
-                        outbox_retry_s=0.5).start()
+                        outbox_retry_s=0.5, requests_per_minute=100_000).start()
     yield gw
     gw.kill()
 
@@ -75,7 +79,9 @@ def test_auth_and_invalid_bodies_get_openai_errors_never_500(gateway):
                           (dict(messages=ask(), n="2"), "n"),
                           (dict(messages=[{"role": "tool", "content": "x"}]), "messages"),
                           (dict(messages=[{"role": "user", "content": "   "}]), "messages"),
-                          (dict(messages=ask("pain " * 3000)), "messages")):
+                          (dict(messages=ask("pain " * 3000)), "messages"),
+                          (dict(messages=ask() * 33), "messages"),  # max_messages
+                          (dict(messages=ask("ache " * 6000) * 7), "messages")):  # 210,000 chars: max_prompt_chars
         with pytest.raises(openai.BadRequestError) as info:
             c.chat.completions.create(model="prefloop", **kwargs)
         body = info.value.body
@@ -84,6 +90,19 @@ def test_auth_and_invalid_bodies_get_openai_errors_never_500(gateway):
     raw = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{not json",
                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_over_the_size_limit_gets_413_with_an_openai_error_declared_or_streamed(gateway):
+    huge = json.dumps({"model": "prefloop", "messages": ask("x" * 30_000) * 20}).encode()  # 600 KB > 512 KiB
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    declared = httpx.post(f"{gateway.url}/v1/chat/completions", content=huge, headers=headers, timeout=30)
+    streamed = httpx.post(f"{gateway.url}/v1/chat/completions", headers=headers, timeout=30,
+                          content=(huge[i:i + 65_536] for i in range(0, len(huge), 65_536)))  # chunked
+    for response in (declared, streamed):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and "524288 bytes" in error["message"]
+    assert client(gateway).chat.completions.create(model="prefloop", messages=ask(), max_tokens=4).choices
 
 
 def test_feedback_pick_rating_ownership_and_once_only(gateway, kafka):
@@ -180,6 +199,11 @@ def test_admin_rollback_and_reload(gateway, registry_copy):
     assert admin.post("/admin/rollback").status_code == 409
 
 
+def queued(outbox_dir) -> int:
+    with sqlite3.connect(outbox_dir / "outbox.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+
 def test_feedback_survives_a_broker_outage_through_the_outbox(tmp_path, registry_copy):
     from shared.broker import EmbeddedBroker
     from shared.settings import KafkaSettings
@@ -197,12 +221,13 @@ def test_feedback_survives_a_broker_outage_through_the_outbox(tmp_path, registry
         r = httpx.post(f"{gw.url}/v1/feedback", json={"response_id": two.id, "preferred_index": 0},
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         assert r.status_code == 202 and r.json()["status"] == "queued"
-        assert (tmp_path / "outbox" / "outbox.jsonl").read_text().count("\n") == 2  # feedback + preference
+        assert queued(tmp_path / "outbox") == 2  # feedback + preference
         broker = EmbeddedBroker(port=broker.port, log_file=tmp_path / "outage-broker.log")
         broker.start(topics=all_topics_with_dlq())
         pref = wait_for(lambda: read_events(broker.bootstrap, PREFERENCES, 1, 2), 120, "the queued preference")[0]
         assert pref.source == "user" and pref.chosen == two.choices[0].message.content
-        wait_for(lambda: (tmp_path / "outbox" / "outbox.jsonl").read_text() == "", 60, "the outbox to empty")
+        wait_for(lambda: queued(tmp_path / "outbox") == 0, 60, "the outbox to empty")
+        assert 'prefloop_outbox_dead_total{outbox="feedback"} 0.0' in gw.get("/metrics").text
     finally:
         gw.kill()
         broker.stop()

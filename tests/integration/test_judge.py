@@ -210,5 +210,28 @@ def test_position_flips_and_malformed_replies_are_counted_never_labelled(kafka, 
         assert detail["position_flips"] == 1 and detail["malformed_replies"] == 4
         metrics = judge.get("/metrics").text
         assert 'prefloop_judge_position_flips_total{favoured="A"} 1.0' in metrics
+
+
+def test_a_consume_loop_that_dies_at_start_makes_healthz_fail_so_the_pod_is_restarted(tmp_path):
+    """No broker at the bootstrap address: the consume loop cannot start and dies. /healthz must
+    say so with a 503 (the liveness probe restarts the pod), not answer ok forever."""
+    from shared.broker import free_port
+    from shared.settings import KafkaSettings
+
+    nowhere = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    judge = ServiceProcess("judge", nowhere, tmp_path, backend="rubric", kafka__request_timeout_ms=2000,
+                           cache_path=tmp_path / "cache.sqlite").start(wait_ready=False)
+    try:
+        def health():
+            try:
+                response = judge.get("/healthz")
+            except Exception:  # noqa: BLE001 - not listening yet
+                return None
+            return response if response.status_code == 503 else None
+
+        body = wait_for(health, 60, "/healthz to report the dead loop", interval_s=0.2).json()
+        assert body["status"] == "failing" and body["service"] == "judge"
+        assert "consume loop for prefloop.candidates.v1 died" in body["problems"][0]
+        assert judge.get("/readyz").status_code == 503
     finally:
         judge.kill()

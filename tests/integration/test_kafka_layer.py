@@ -260,3 +260,55 @@ def test_a_broker_outage_while_publishing_is_waited_out_not_dead_lettered(tmp_pa
         thread.join(30)
         broker.stop()
     assert not thread.is_alive()
+
+
+def test_a_record_the_broker_refuses_for_good_is_dead_lettered_with_why_not_waited_for(kafka, producer):
+    """A handler's output over the size limit can never be published: the record that produced it
+    is dead-lettered at once with the reason (not retried, not waited out as an outage), the rest
+    of the batch goes through, and the loop goes on."""
+    topic, out = PROMPTS.with_prefix(kafka.topic_prefix), PROMPTS.with_prefix("out-" + kafka.topic_prefix)
+    small_limit = EventProducer(kafka.model_copy(update={"max_message_bytes": 4096}), "test-out")
+    outputs = []
+
+    def handle(batch):
+        for r in batch:  # the "output" is the prompt itself, through a producer with a 4 KB limit
+            small_limit.publish(out, [r.event])
+            outputs.append(r.event.id)
+
+    fine, huge = prompt("a short question"), prompt("why " * 2000)  # ~8 KB encoded
+    producer.publish(topic, [fine, huge], key="one-partition")
+    registry = CollectorRegistry()
+    loop = ConsumeLoop(topic, group_id=f"g-{uuid.uuid4().hex[:8]}", handler=handle, kafka=kafka, producer=producer,
+                       service="test", registry=registry, batch_size=2, batch_timeout_ms=500, max_attempts=3,
+                       retry_wait_s=0.01)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        dead = read_events(kafka.bootstrap_servers, topic.dead_letter, 1, 30)
+        assert json.loads(dead[0].payload)["id"] == huge.id and dead[0].error_kind == "handler"
+        assert "PublishRejected" in dead[0].error and "MessageSizeTooLargeError" in dead[0].error
+        assert dead[0].attempts == 1  # hopeless: not retried
+        wait_for(lambda: fine.id in outputs, 10, "the fine record's output")
+        assert not registry.get_sample_value("prefloop_broker_unavailable_total", {"topic": topic.name})
+        late = prompt("after the refusal")
+        producer.publish(topic, [late])
+        wait_for(lambda: late.id in outputs, 30, "the loop to go on")
+    finally:
+        loop.stop()
+        thread.join(15)
+        small_limit.close()
+
+
+def test_a_dead_letter_too_large_for_the_broker_goes_out_with_its_payload_cut(kafka, producer):
+    topic = PROMPTS.with_prefix(kafka.topic_prefix)
+    limited = EventProducer(kafka.model_copy(update={"max_message_bytes": 8192}), "test-dlq")
+    huge = prompt("pain " * 1500)  # ~7.5 KB: fits, but its dead letter (payload + envelope) does not
+    producer.publish(topic, [huge])
+    try:
+        with Collector(topic, kafka, limited, max_attempts=1, fail_on=lambda e: True):
+            dead = read_events(kafka.bootstrap_servers, topic.dead_letter, 1, 30)[0]
+        assert dead.original_topic == topic.name and "cannot handle" in dead.error
+        assert "payload cut from" in dead.error and len(dead.payload.encode()) <= 4096
+        assert huge.model_dump_json()[:100] == dead.payload[:100]
+    finally:
+        limited.close()

@@ -78,7 +78,8 @@ def test_preferences_to_promoted_version_and_model_update(kafka, producer, tmp_p
 
 
 def test_a_failing_gate_promotes_nothing_and_records_why(kafka, producer, tmp_path, registry_copy, preferences):
-    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=100_000, win_rate_threshold=1.01).start()
+    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=100_000, win_rate_threshold=1.01,
+                           max_pairs_per_run=12).start()
     try:
         producer.publish(PREFERENCES.with_prefix(kafka.topic_prefix), preferences)
         wait_for(lambda: trainer.get("/status").json()["detail"]["ledger_pairs"] == len(preferences), 60,
@@ -95,7 +96,10 @@ def test_a_failing_gate_promotes_nothing_and_records_why(kafka, producer, tmp_pa
         assert registry_copy.current() == "v0001"
         assert registry_copy.get(run["version"]).metrics["eval_summary"]["gate_reasons"] == reasons
         assert read_records(kafka.bootstrap_servers, MODEL_UPDATES.with_prefix(kafka.topic_prefix), 1, 3) == []
-        assert trainer.get("/status").json()["detail"]["new_pairs"] == 0  # a rejected run used its pairs
+        # a rejected run used up the pairs it trained on, and only those: max_pairs_per_run cut the rest
+        train_ids = [p.id for p in preferences if p.split == "train"]
+        assert run["pairs_new"] == len(run["new_pair_ids"]) == 12 and set(run["new_pair_ids"]) <= set(train_ids)
+        assert trainer.get("/status").json()["detail"]["new_pairs"] == len(train_ids) - 12
     finally:
         trainer.kill()
 
@@ -137,12 +141,50 @@ def test_killed_mid_training_leaves_no_visible_version_and_resumes(kafka, produc
     finally:
         slow.kill()
     assert [m.version for m in registry_copy.list()] == ["v0001"] and registry_copy.current() == "v0001"
+    # the interrupted run counts as a failure: the resumed trainer backs off (here 1 s) before it trains again
     resumed = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=20, win_rate_threshold=0.0,
                            max_perplexity_increase=1.0, max_length_drift=1.0, safety_tolerance=10,
-                           heldout_pairs=0).start()
+                           heldout_pairs=0, failure_backoff_s=1).start()
     try:
-        run = wait_for(lambda: finished_runs(resumed), 240, "the resumed run", interval_s=1)[0]
+        interrupted, run = wait_for(lambda: finished_runs(resumed)[1:] and finished_runs(resumed), 240,
+                                    "the resumed run", interval_s=1)
+        assert interrupted["status"] == "failed" and interrupted["error"].startswith("interrupted")
         assert run["status"] == "promoted" and run["pairs_new"] > 0
         assert [m.version for m in registry_copy.list()] == ["v0001", "v0002"]
     finally:
         resumed.kill()
+
+
+def test_a_promotion_while_the_broker_is_down_is_recorded_and_announced_once_it_is_back(tmp_path, registry_copy,
+                                                                                        preferences):
+    from shared.broker import EmbeddedBroker
+    from shared.kafka import EventProducer
+    from shared.settings import KafkaSettings
+    from shared.topics import all_topics_with_dlq
+
+    broker = EmbeddedBroker(log_file=tmp_path / "broker.log").start(topics=all_topics_with_dlq())
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
+    producer = EventProducer(kafka, "test")
+    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=100_000, win_rate_threshold=0.0,
+                           max_perplexity_increase=1.0, max_length_drift=1.0, safety_tolerance=10,
+                           heldout_pairs=0).start()
+    try:
+        producer.publish(PREFERENCES, preferences)
+        wait_for(lambda: trainer.get("/status").json()["detail"]["ledger_pairs"] == len(preferences), 60,
+                 "the ledger to hold every pair")
+        broker.stop()
+        assert httpx.post(f"{trainer.url}/train", headers={"Authorization": "Bearer admin-secret"}).status_code == 202
+        run = wait_for(lambda: finished_runs(trainer), 240, "the run", interval_s=1)[0]
+        assert run["status"] == "promoted" and registry_copy.current() == run["version"] == "v0002"
+        status = trainer.get("/status").json()
+        assert status["detail"]["announcements_queued"] == 1 and status["trigger"]["state"] == "idle"
+
+        broker = EmbeddedBroker(port=broker.port, log_file=tmp_path / "broker.log").start(topics=all_topics_with_dlq())
+        update = wait_for(lambda: read_events(broker.bootstrap, MODEL_UPDATES, 1, 2), 120, "the announcement")[0]
+        assert (update.version, update.parent, update.eval_summary.promoted) == ("v0002", "v0001", True)
+        wait_for(lambda: trainer.get("/status").json()["detail"]["announcements_queued"] == 0, 30, "an empty outbox")
+        assert trainer.get("/healthz").json()["status"] == "ok"  # the loops lived through the outage
+    finally:
+        trainer.kill()
+        producer.close()
+        broker.stop()

@@ -67,3 +67,13 @@ def test_split_is_deterministic_and_close_to_the_fraction():
     assert [e.split for e in events] == [e.split for e in again]
     assert 200 <= report.usable == len(events) and 0.1 < report.eval / report.usable < 0.3
     assert all(e.split == split_for(e.id, 0.2) for e in events)
+
+
+def test_a_prompt_too_large_for_the_pipeline_is_a_counted_reported_rejection(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "A normal question?"},
+                                              {"messages": [{"role": "user", "content": "x" * 30_000}] * 9},
+                                              {"prompt": "Another question?"}])
+    events, report = build_events(src, eval_fraction=0.0, max_prompt_bytes=100_000)
+    assert [e.messages[-1].content for e in events] == ["A normal question?", "Another question?"]
+    assert report.too_large == 1 and report.unusable == 0 and report.usable == 2
+    assert report.unusable_rows[0].startswith("row 2: the prompt event is") and "limit of 100000" in report.unusable_rows[0]
