@@ -210,6 +210,8 @@ def test_position_flips_and_malformed_replies_are_counted_never_labelled(kafka, 
         assert detail["position_flips"] == 1 and detail["malformed_replies"] == 4
         metrics = judge.get("/metrics").text
         assert 'prefloop_judge_position_flips_total{favoured="A"} 1.0' in metrics
+    finally:
+        judge.kill()
 
 
 def test_a_consume_loop_that_dies_at_start_makes_healthz_fail_so_the_pod_is_restarted(tmp_path):
