@@ -198,6 +198,30 @@ def models(registry: Path = REGISTRY_OPTION) -> None:
     console.print(table)
 
 
+@app.command()
+def rollback(
+    version: Optional[str] = typer.Argument(None, help="an earlier promoted version (default: the one before current)"),
+    trainer: str = typer.Option("http://127.0.0.1:8103", envvar="PREFLOOP_TRAINER_URL", help="the trainer's URL"),
+    admin_key: str = typer.Option(..., envvar="PREFLOOP_TRAINER_ADMIN_KEY", help="the trainer's admin key"),
+) -> None:
+    """Serve an earlier promoted version again: the trainer moves the registry's current pointer and
+    announces it; every generator and gateway replica converges on it."""
+    import httpx
+
+    from shared.wire import RollbackRequest, RollbackResult
+
+    try:
+        r = httpx.post(f"{trainer.rstrip('/')}/admin/rollback", json=RollbackRequest(version=version).model_dump(),
+                       headers={"Authorization": f"Bearer {admin_key}"}, timeout=60)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/red] cannot reach the trainer at {trainer}: {exc}")
+        raise typer.Exit(code=2)
+    if r.status_code != 200:
+        console.print(f"[red]error:[/red] the trainer answered {r.status_code}: {r.json().get('detail', r.text)}")
+        raise typer.Exit(code=1)
+    console.print(RollbackResult.model_validate_json(r.text).detail)
+
+
 @app.command("eval")
 def eval_(
     a: str = typer.Option(..., "--a", help="candidate version (e.g. v0003)"),

@@ -27,6 +27,11 @@ class RegistryError(Exception):
     pass
 
 
+def version_number(version: str | None) -> int:
+    """v0007 -> 7; anything that is not a version name -> 0 (older than every version)."""
+    return int(version[1:]) if version and VERSION_RE.match(version) else 0
+
+
 VersionKind = Literal["base", "sft", "dpo"]
 """`base`: a pretrained (instruct) model registered as it is; `sft`: supervised fine-tuned; `dpo`: a
 preference-trained child of another version."""
@@ -115,9 +120,11 @@ class ModelRegistry:
             parent_meta = self.get(parent)
             source = source or parent_meta.source
             if parent_meta.dtype and str(model.dtype).removeprefix("torch.") != parent_meta.dtype:
+                import copy
+
                 import torch
 
-                model = model.to(getattr(torch, parent_meta.dtype))
+                model = copy.deepcopy(model).to(getattr(torch, parent_meta.dtype))  # the caller's model stays as it is
         dtype = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -217,26 +224,37 @@ class ModelRegistry:
             f.flush()
             os.fsync(f.fileno())
 
+    def _history(self) -> list[dict]:
+        if not self._history_file.is_file():
+            return []
+        return [json.loads(line) for line in self._history_file.read_text().splitlines() if line.strip()]
+
     def promotion_stack(self) -> list[str]:
-        """Promoted versions, oldest first, with rolled-back ones popped off."""
+        """Promoted versions, oldest first, with the ones above a rollback target popped off."""
         stack: list[str] = []
-        if self._history_file.is_file():
-            for line in self._history_file.read_text().splitlines():
-                if not line.strip():
-                    continue
-                entry = json.loads(line)
-                if entry["action"] == "promote":
-                    stack.append(entry["version"])
-                elif stack:
+        for entry in self._history():
+            if entry["action"] == "promote":
+                stack.append(entry["version"])
+            else:
+                while len(stack) > 1 and stack[-1] != entry["version"]:
                     stack.pop()
         return stack
 
-    def rollback(self) -> str:
-        """Point `current` back at the version promoted before it. Returns that version."""
+    def promoted_versions(self) -> set[str]:
+        """Every version the gate ever promoted (or bootstrap registered): the only ones to serve."""
+        return {e["version"] for e in self._history() if e["action"] == "promote"}
+
+    def rollback(self, version: str | None = None) -> str:
+        """Point `current` back at `version` (default: the one promoted before it), which must be
+        below it on the promotion stack. Returns the new current version."""
         stack = self.promotion_stack()
-        if len(stack) < 2:
-            raise RegistryError("nothing to roll back to")
-        target = stack[-2]
-        self.verified_path(target)
-        self._set_current(target, "rollback")
-        return target
+        if version is None:
+            if len(stack) < 2:
+                raise RegistryError("nothing to roll back to")
+            version = stack[-2]
+        elif version not in stack[:-1]:
+            raise RegistryError(f"{version} is not an earlier promoted version of the current line "
+                                f"(promotion stack: {', '.join(stack) or 'empty'})")
+        self.verified_path(version)
+        self._set_current(version, "rollback")
+        return version

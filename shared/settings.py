@@ -30,6 +30,15 @@ class KafkaSettings(BaseSettings):
                                    "max_request_size; keep it at or below the broker's message.max.bytes)")
 
 
+class EngineSettings(BaseSettings):
+    """`PREFLOOP_ENGINE_*`: how generator, gateway and the trainer's gate run models."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFLOOP_ENGINE_", extra="ignore")
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="inference dtype; auto: bf16 where the hardware computes it natively, else fp32")
+
+
 class LogSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFLOOP_LOG_", extra="ignore")
 

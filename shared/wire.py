@@ -335,6 +335,18 @@ class RunRecord(WireModel):
     error: str | None = None
 
 
+class RollbackRequest(WireModel):
+    """`POST /admin/rollback` on the trainer: serve an earlier promoted version again."""
+
+    version: str | None = Field(None, description="an earlier promoted version; default: the one before current")
+
+
+class RollbackResult(WireModel):
+    current: str
+    previous: str | None
+    detail: str
+
+
 class TrainAccepted(WireModel):
     """`POST /train` response."""
 

@@ -2,7 +2,6 @@
 
 
 import logging
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -18,18 +17,17 @@ from services.gateway.auth import KeyRing, RateLimiter
 from services.gateway.chat import ChatService
 from services.gateway.errors import APIError, BodySizeLimit
 from services.gateway.feedback import FeedbackPublisher, FeedbackRejected, feedback_events
-from services.gateway.serving import Batcher, ModelHolder
+from services.gateway.serving import model_follower
 from services.gateway.settings import GatewaySettings
 from services.gateway.store import ResponseStore
-from shared.kafka import ConsumeLoop, EventProducer, Received
+from shared.kafka import ConsumeLoop, EventProducer
 from shared.observability import health_router, new_registry
 from shared.openai_api import (AdminResult, ChatCompletion, ChatCompletionRequest, ErrorResponse, FeedbackAccepted,
                                FeedbackRequest, ModelCard, ModelList)
 from shared.outbox import Outbox
-from shared.registry import ModelRegistry, RegistryError
 from shared.service import LoopThreads
 from shared.topics import FEEDBACK, MODEL_UPDATES, PREFERENCES, PROMPTS, all_topics_with_dlq
-from shared.wire import FeedbackEvent, ModelUpdatedEvent
+from shared.wire import FeedbackEvent
 
 log = logging.getLogger(__name__)
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
@@ -53,20 +51,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     keys, admin = KeyRing(settings.keys()), KeyRing([settings.admin_key] if settings.admin_key else [])
     chat_limit, feedback_limit = RateLimiter(settings.requests_per_minute), RateLimiter(settings.feedback_per_minute)
     store = ResponseStore(settings.response_ttl_s)
-    holder = ModelHolder(ModelRegistry(settings.registry_dir), metrics, max_batch_size=settings.max_batch_sequences,
-                         overflow="reject")
+    follower = model_follower(settings, metrics)
     requests_total = Counter("prefloop_gateway_requests", "chat requests", ["stream", "status"], registry=metrics)
     latency = Histogram("prefloop_gateway_request_seconds", "chat request latency", ["stream"], registry=metrics)
     feedback_total = Counter("prefloop_gateway_feedback", "feedback accepted", ["kind", "status"], registry=metrics)
+    tokens = Counter("prefloop_gateway_completion_tokens", "completion tokens generated", registry=metrics)
     topics = {"feedback": FEEDBACK.with_prefix(prefix), "preferences": PREFERENCES.with_prefix(prefix),
               "prompts": PROMPTS.with_prefix(prefix)}
     state: dict = {}
     loops = LoopThreads()
-
-    def on_model_updated(batch: list[Received[ModelUpdatedEvent]]) -> None:
-        newest = max(batch, key=lambda r: r.event.version).event
-        if holder.version is None or newest.version > holder.version:
-            threading.Thread(target=holder.load, args=(newest.version,), name="model-load", daemon=True).start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,25 +70,25 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if (legacy := Path(settings.outbox_dir) / "outbox.jsonl").exists():
             log.warning("queued %d events from the old JSON-lines outbox", outbox.import_jsonl(legacy))
         publisher = FeedbackPublisher(EventProducer(settings.kafka, "gateway", max_block_ms=2000), outbox)
-        batcher = Batcher(holder, metrics, settings.max_batch_sequences, settings.max_wait_ms)
         loops.run("feedback-outbox", lambda stop: publisher.relay_until(stop, settings.outbox_retry_s))
+        loops.run("model-follower", lambda stop: follower.follow(stop, settings.registry_check_s))
+        # every replica sees every update: a group of its own (the registry's current decides what is served)
         loops.start(ConsumeLoop(MODEL_UPDATES.with_prefix(prefix), group_id=f"{settings.group_id}-{uuid.uuid4().hex[:8]}",
-                                handler=on_model_updated, kafka=settings.kafka, producer=producer, service="gateway",
-                                batch_size=16, registry=metrics))
-        threading.Thread(target=lambda: holder.engine or holder.load(), name="initial-load", daemon=True).start()
-        state.update(chat=ChatService(settings, holder, batcher, store), publisher=publisher)
+                                handler=follower.on_model_updated, kafka=settings.kafka, producer=producer,
+                                service="gateway", batch_size=16, registry=metrics))
+        state.update(chat=ChatService(settings, follower, store, tokens), publisher=publisher)
         try:
             yield
         finally:
             loops.stop(settings.shutdown_grace_s)
-            batcher.stop()
+            follower.close()
             publisher.close()
             producer.close()
 
     app = FastAPI(title="prefloop gateway", version="1", lifespan=lifespan)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    app.include_router(health_router(metrics, lambda: holder.engine is not None, "gateway", failing=loops.dead))
+    app.include_router(health_router(metrics, lambda: follower.ready, "gateway", failing=loops.dead))
 
     def api_key(authorization: Annotated[str | None, Header()] = None) -> str:
         kid = keys.check(authorization)
@@ -115,7 +108,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/v1/models", responses=ERRORS)
     def models(_: Key) -> ModelList:
-        version = holder.version or "none"
+        version = follower.version or "none"
         return ModelList(data=[ModelCard(id="prefloop", created=int(time.time())),
                                ModelCard(id=version, created=int(time.time()))])
 
@@ -171,18 +164,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/admin/reload", responses=ERRORS, dependencies=[Depends(admin_key)])
     def reload() -> AdminResult:
-        if not holder.load(holder.registry.current()):
-            raise APIError(503, f"could not load {holder.registry.current()}; still serving {holder.version}")
-        return AdminResult(served_version=holder.version, detail="reloaded the registry's current version")
-
-    @app.post("/admin/rollback", responses=ERRORS, dependencies=[Depends(admin_key)])
-    def rollback() -> AdminResult:
-        try:
-            target = holder.registry.rollback()
-        except RegistryError as exc:
-            raise APIError(409, str(exc))
-        if not holder.load(target):
-            raise APIError(503, f"rolled the registry back to {target} but could not load it")
-        return AdminResult(served_version=holder.version, detail=f"rolled back to {target}")
+        """Serve the registry's current version now (replicas also converge on it by themselves)."""
+        current = follower.registry.current()
+        if not follower.converge(force=True):
+            raise APIError(503, f"could not load {current}; still serving {follower.version}")
+        return AdminResult(served_version=follower.version, detail="serving the registry's current version")
 
     return app

@@ -4,7 +4,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.prompts import SYSTEM_PROMPT
-from shared.settings import AdminKeySettings, ServiceSettings
+from shared.settings import AdminKeySettings, EngineSettings, ServiceSettings
 
 
 class GatewaySettings(ServiceSettings, AdminKeySettings):
@@ -28,8 +28,10 @@ class GatewaySettings(ServiceSettings, AdminKeySettings):
     requests_per_minute: int = Field(600, ge=1, description="per key")
     feedback_per_minute: int = Field(60, ge=1, description="per key")
     response_ttl_s: float = Field(3600.0, gt=0, description="how long served responses accept feedback")
-    max_batch_sequences: int = Field(32, ge=1, description="dynamic batching: sequences per generate call")
-    max_wait_ms: int = Field(15, ge=0, description="dynamic batching: wait to fill a batch")
+    max_batch_sequences: int = Field(64, ge=1, description="continuous batching: sequences decoded together")
+    registry_check_s: float = Field(30.0, gt=0, description="how often to converge on the registry's current "
+                                    "version besides model-update events")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
     outbox_dir: str = Field("var/gateway-outbox", description="durable feedback outbox (outbox.sqlite) when the "
                             "broker is down")
     outbox_retry_s: float = Field(2.0, gt=0)

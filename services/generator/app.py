@@ -14,6 +14,8 @@ from services.generator.sampler import CandidateSampler
 from services.generator.settings import GeneratorSettings
 from shared.kafka import ConsumeLoop, EventProducer
 from shared.observability import health_router, new_registry
+from shared.engine import GenerationEngine
+from shared.model_follower import ModelFollower
 from shared.registry import ModelRegistry
 from shared.service import LoopThreads
 from shared.topics import CANDIDATES, MODEL_UPDATES, PROMPTS
@@ -35,22 +37,26 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         producer = EventProducer(settings.kafka, "generator")
-        sampler = CandidateSampler(ModelRegistry(settings.registry_dir), producer, CANDIDATES.with_prefix(prefix),
-                                   PROMPTS.with_prefix(prefix).dead_letter, metrics,
-                                   max_batch_sequences=settings.max_batch_sequences, overflow=settings.overflow)
+        registry = ModelRegistry(settings.registry_dir)
+        follower = ModelFollower(registry, metrics, "generator", engine_factory=lambda version: GenerationEngine.from_registry(
+            registry, version, max_batch_size=settings.max_batch_sequences, overflow=settings.overflow,
+            dtype=settings.engine.dtype))
+        sampler = CandidateSampler(follower, producer, CANDIDATES.with_prefix(prefix),
+                                   PROMPTS.with_prefix(prefix).dead_letter, metrics)
         state.update(sampler=sampler)
+        loops.run("model-follower", lambda stop: follower.follow(stop, settings.registry_check_s))
         common = dict(kafka=settings.kafka, producer=producer, service="generator", registry=metrics,
                       max_attempts=settings.max_attempts, shutdown_grace_s=settings.shutdown_grace_s)
         # Every instance must see every model update: a group of its own.
         loops.start(ConsumeLoop(MODEL_UPDATES.with_prefix(prefix), group_id=f"{settings.group_id}-updates-{uuid.uuid4().hex[:8]}",
-                                handler=sampler.on_model_updated, batch_size=16, **common))
+                                handler=follower.on_model_updated, batch_size=16, **common))
         stop = threading.Event()
 
         def start_consuming() -> None:
             # Prompts are consumed only once a policy is loaded; until then /readyz says no.
             try:
-                while not stop.is_set() and not sampler.ready:
-                    if not sampler.load() and stop.wait(2.0):
+                while not sampler.ready:
+                    if stop.wait(0.2):
                         return
                 if not stop.is_set():
                     loops.start(ConsumeLoop(PROMPTS.with_prefix(prefix), group_id=settings.group_id,
@@ -68,6 +74,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             stop.set()
             starter.join(5)
             loops.stop(settings.shutdown_grace_s)
+            follower.close()
             producer.close()
 
     app = FastAPI(title="prefloop generator", lifespan=lifespan)

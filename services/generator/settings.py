@@ -3,7 +3,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.settings import EngineSettings, ServiceSettings
 
 
 class GeneratorSettings(ServiceSettings):
@@ -14,8 +14,11 @@ class GeneratorSettings(ServiceSettings):
     group_id: str = "prefloop-generator"
     http_port: int = 8101
     registry_dir: str = Field("var/registry", description="model registry root")
-    batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    batch_size: int = Field(32, ge=1, description="prompts per handled batch (x n sequences decoded together)")
     batch_timeout_ms: int = Field(500, ge=0)
-    max_batch_sequences: int = Field(16, ge=1, description="prompts x n per forward pass")
+    max_batch_sequences: int = Field(64, ge=1, description="sequences (prompts x n) decoded together")
+    registry_check_s: float = Field(30.0, gt=0, description="how often to converge on the registry's current "
+                                    "version besides model-update events")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
     overflow: Literal["truncate_left", "reject"] = Field(
         "truncate_left", description="a prompt longer than the context: drop its oldest tokens, or dead-letter it")

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, Header, HTTPException, status
+from fastapi import Depends, FastAPI, Header, HTTPException, status
 from prometheus_client import Counter
 
 from services.trainer.ledger import PreferenceLedger
@@ -20,10 +20,10 @@ from services.trainer.trigger import OPERATOR_TRIGGER
 from shared.kafka import ConsumeLoop, EventProducer, Received, publish_dead_letters
 from shared.observability import health_router, new_registry
 from shared.outbox import Outbox
-from shared.registry import ModelRegistry
+from shared.registry import ModelRegistry, RegistryError
 from shared.service import LoopThreads
 from shared.topics import MODEL_UPDATES, PREFERENCES
-from shared.wire import PreferenceEvent, RunRecord, ServiceStatus, TrainAccepted
+from shared.wire import PreferenceEvent, RollbackRequest, RollbackResult, RunRecord, ServiceStatus, TrainAccepted
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +117,35 @@ def create_app(settings: TrainerSettings) -> FastAPI:
                                      "training": int(runner.busy), "announcements_queued": len(runner.outbox)},
                              trigger=runner.trigger_status())
 
-    @app.post("/train", status_code=status.HTTP_202_ACCEPTED, responses={401: {}, 409: {}, 503: {}})
-    def train(authorization: Annotated[str | None, Header()] = None) -> TrainAccepted:
-        """Start a run now: also after failures, and it resets the failure count (see trigger.py)."""
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
         if not settings.admin_key:
-            raise HTTPException(503, "POST /train is disabled: set PREFLOOP_TRAINER_ADMIN_KEY")
+            raise HTTPException(503, "admin routes are disabled: set PREFLOOP_TRAINER_ADMIN_KEY")
         token = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(token.encode(), settings.admin_key.encode()):
             raise HTTPException(401, "a valid admin bearer key is required")
+
+    @app.post("/train", status_code=status.HTTP_202_ACCEPTED, responses={401: {}, 409: {}, 503: {}},
+              dependencies=[Depends(require_admin)])
+    def train() -> TrainAccepted:
+        """Start a run now: also after failures, and it resets the failure count (see trigger.py)."""
         runner = state["runner"]
         if not runner.new_pair_ids():
             raise HTTPException(409, "no new pairs to train on")
         if not runner.start_run(OPERATOR_TRIGGER):
             raise HTTPException(409, "a training run is already in progress")
         return TrainAccepted(accepted=True, detail="training run started")
+
+    @app.post("/admin/rollback", responses={401: {}, 409: {}, 503: {}}, dependencies=[Depends(require_admin)])
+    def rollback(body: RollbackRequest | None = None) -> RollbackResult:
+        """Point the registry's current back at an earlier promoted version and announce it; every
+        generator and gateway replica converges on it (also after restarts)."""
+        runner = state["runner"]
+        previous = runner.registry.current()
+        try:
+            current = runner.rollback((body or RollbackRequest()).version)
+        except RegistryError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return RollbackResult(current=current, previous=previous, detail=f"rolled back from {previous} to {current}; "
+                              "the announcement is queued in the trainer's outbox")
 
     return app

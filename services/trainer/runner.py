@@ -40,15 +40,11 @@ from shared.judging.stats import JudgeStats
 from shared.observability import new_registry
 from shared.outbox import Outbox
 from shared.prompts import DEMO_PROMPTS, build_events
-from shared.registry import ModelRegistry
+from shared.registry import ModelRegistry, version_number
 from shared.topics import Topic
 from shared.wire import EvalSummary, ModelUpdatedEvent, PreferenceEvent, RunRecord, TriggerStatus
 
 log = logging.getLogger(__name__)
-
-
-def version_number(version: str | None) -> int:
-    return int(version[1:]) if version and version[1:].isdigit() else 0
 
 
 class Selection(BaseModel):
@@ -77,6 +73,7 @@ class TrainingRunner:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._runs_file = self.runs_dir / "runs.jsonl"
         self._lock = threading.Lock()
+        self._registry_lock = threading.Lock()  # promotion and rollback move `current` one at a time
         if self._runs_file.exists() and self._runs_file.read_bytes()[-1:] not in (b"", b"\n"):
             with open(self._runs_file, "ab") as f:  # a torn last record: later records start a line of their own
                 f.write(b"\n")
@@ -142,6 +139,18 @@ class TrainingRunner:
         self.outbox.put([(self._model_updates, ModelUpdatedEvent(
             producer="trainer", version=version, parent=parent, kind="dpo", location=str(self.registry.root / version),
             eval_summary=summary))])
+
+    def rollback(self, version: str | None) -> str:
+        """Make an earlier promoted version current again and announce it (durably). Held against
+        promotions: a run that finishes later sees that its parent is no longer current."""
+        with self._registry_lock:
+            target = self.registry.rollback(version)
+            meta = self.registry.get(target)
+            self.outbox.put([(self._model_updates, ModelUpdatedEvent(
+                producer="trainer", version=target, parent=meta.parent, kind=meta.kind,
+                location=str(self.registry.root / target)))])
+        log.warning("rolled back to %s", target)
+        return target
 
     @property
     def busy(self) -> bool:
@@ -250,19 +259,27 @@ class TrainingRunner:
                                                "dpo_seconds": dpo.seconds, "run_id": run_id})
             del merged
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
-            new = GenerationEngine.from_registry(self.registry, meta.version)
-            parent_engine = GenerationEngine.from_registry(self.registry, parent)
             judge = PairwiseJudge(s.judge.make_backend(), None, JudgeStats(new_registry()))
-            gate = evaluate_gate(new, parent_engine, settings=s, judge=judge, prompts=self.eval_prompts(heldout),
-                                 heldout=heldout,
-                                 reference_set=[c["messages"] for c in load_conversations("heldout", quality="good")],
-                                 history=dpo.history, pairs_trained=len(train))
+            with GenerationEngine.from_registry(self.registry, meta.version, dtype=s.engine.dtype) as new, \
+                    GenerationEngine.from_registry(self.registry, parent, dtype=s.engine.dtype) as parent_engine:
+                gate = evaluate_gate(new, parent_engine, settings=s, judge=judge, prompts=self.eval_prompts(heldout),
+                                     heldout=heldout,
+                                     reference_set=[c["messages"] for c in load_conversations("heldout", quality="good")],
+                                     history=dpo.history, pairs_trained=len(train))
             gate.comparison.write_blinded_csv(run_dir / "blinded_eval.csv")
             self.registry.annotate(meta.version, eval_summary=gate.summary.model_dump(mode="json"),
                                    gate_details=gate.details)
+            with self._registry_lock:
+                moved = self.registry.current() != parent
+                if moved:  # an operator rolled back while this run trained: its parent is not served any more
+                    gate.summary = gate.summary.model_copy(update={
+                        "promoted": False, "gate_reasons": [*gate.summary.gate_reasons, f"the registry moved from "
+                                                            f"{parent} to {self.registry.current()} during the run"]})
+                    gate.passed = False
+                if gate.passed:
+                    self.registry.promote(meta.version)
+                    self._announce(meta.version, parent, gate.summary)  # durable; the relay publishes it
             if gate.passed:
-                self.registry.promote(meta.version)
-                self._announce(meta.version, parent, gate.summary)  # durable; the relay publishes it
                 log.info("run %s: promoted %s (win rate %.3f)", run_id, meta.version, gate.summary.win_rate_vs_parent)
             else:
                 log.warning("run %s: %s not promoted: %s", run_id, meta.version, "; ".join(gate.summary.gate_reasons))

@@ -4,7 +4,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.judging.settings import JudgeBackendSettings
-from shared.settings import AdminKeySettings, ServiceSettings
+from shared.settings import AdminKeySettings, EngineSettings, ServiceSettings
 
 
 class TrainerSettings(ServiceSettings, AdminKeySettings):
@@ -61,4 +61,5 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     heldout_pairs: int = Field(64, ge=0, description="held-out ledger pairs for preference accuracy")
     reward_hack_window: int = Field(5, ge=1, description="flag runs at reward accuracy 1.0 over the first N logs")
     judge: JudgeBackendSettings = Field(default_factory=JudgeBackendSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 

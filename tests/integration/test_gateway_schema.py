@@ -35,21 +35,22 @@ def gateway(kafka, tmp_path, tiny_registry):
     gw.kill()
 
 
-def fuzz(gw, tmp_path, key: str, *extra: str) -> str:
+def fuzz(gw, tmp_path, key: str, *extra: str, at_least: int = 20) -> str:
     out = subprocess.run([SCHEMATHESIS, "run", f"{gw.url}/openapi.json", "-H", f"Authorization: Bearer {key}",
                           "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                           "--max-examples", "60", "--workers", "1", "--request-timeout", "60", *extra],
                          capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     generated, passed = map(int, re.search(r"(\d+) generated, (\d+) passed", out.stdout).groups())
-    assert generated == passed and generated > 20, out.stdout[-3000:]
+    assert generated == passed and generated >= at_least, out.stdout[-3000:]
     return out.stdout
 
 
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(gateway, tmp_path):
     report = fuzz(gateway, tmp_path, KEY, "--exclude-path-regex", "^/admin/")
     assert "Stateful" in report
-    fuzz(gateway, tmp_path, ADMIN, "--include-path-regex", "^/admin/", "--phases", "examples,coverage,fuzzing")
+    fuzz(gateway, tmp_path, ADMIN, "--include-path-regex", "^/admin/", "--phases", "examples,coverage,fuzzing",
+         at_least=5)  # one body-less route: /admin/reload
 
     log = gateway.log.read_text()
     assert "unhandled error" not in log

@@ -78,12 +78,20 @@ def test_killing_the_generator_mid_batch_loses_no_prompt(kafka, producer, regist
 
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(kafka, producer, registry_copy, tmp_path):
     gen = ServiceProcess("generator", kafka, tmp_path, registry_dir=registry_copy.root).start()
+    updates = MODEL_UPDATES.with_prefix(kafka.topic_prefix)
     try:
-        broken = registry_copy.root / "v0002"
-        shutil.copytree(registry_copy.root / "v0001", broken)
-        (broken / "model.safetensors").write_bytes(b"corrupt")
-        producer.publish(MODEL_UPDATES.with_prefix(kafka.topic_prefix), [ModelUpdatedEvent(
-            producer="test", version="v0002", parent="v0001", kind="dpo", location=str(broken))])
+        # never promoted: the event is refused and dead-lettered, nothing is loaded
+        shutil.copytree(registry_copy.root / "v0001", registry_copy.root / "v0002")
+        producer.publish(updates, [ModelUpdatedEvent(producer="test", version="v0002", parent="v0001", kind="dpo",
+                                                     location="elsewhere")])
+        dead = wait_for(lambda: read_events(kafka.bootstrap_servers, updates.dead_letter, 1, 2), 60,
+                        "the unpromoted update dead-lettered")
+        assert "never promoted" in dead[0].error
+        # promoted, then corrupted on disk: the load fails, the old version keeps serving
+        registry_copy.promote("v0002")
+        (registry_copy.root / "v0002" / "model.safetensors").write_bytes(b"corrupt")
+        producer.publish(updates, [ModelUpdatedEvent(producer="test", version="v0002", parent="v0001", kind="dpo",
+                                                     location=str(registry_copy.root / "v0002"))])
         wait_for(lambda: "prefloop_generator_model_load_failures_total 1.0" in gen.get("/metrics").text, 60,
                  "the failed load to be counted")
         p = prompt("Still there?", sampling=SamplingParams(max_new_tokens=16))

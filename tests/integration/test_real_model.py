@@ -106,7 +106,7 @@ def test_a_short_dpo_run_changes_the_weights_and_the_merged_version_reloads_exac
         in_memory = merged(ids).logits
     meta = reg.save(merged, tok, kind="dpo", parent="v0001", base_model="smollm2")
     assert meta.dtype == "float32" and meta.source.name == "smollm2"  # the parent's dtype and provenance
-    reloaded = GenerationEngine.from_registry(reg, meta.version)
+    reloaded = GenerationEngine.from_registry(reg, meta.version, dtype="float32")  # as saved
     with torch.inference_mode():
         assert torch.allclose(reloaded.model(ids).logits, in_memory, atol=1e-5)
 

@@ -1,0 +1,114 @@
+"""The engine on the real tiny model: the slot decoder computes what the model computes, and
+continuous batching lets requests join, leave and be cancelled between steps."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from shared.engine import GenerationEngine, GenerationRequest
+from shared.engine.decoder import SlotDecoder, supports
+from shared.registry import ModelRegistry
+from shared.wire import ChatMessage, SamplingParams
+from tests.helpers import random_tiny_model, wait_for
+
+
+def ask(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_registry):
+    path = ModelRegistry(tiny_registry).verified_path("v0001")
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32):
+    assert supports(fp32)
+    decoder = SlotDecoder(fp32)
+    prompts = [[5, 17, 33, 101, 7], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46, 47]]
+    rows = [list(p) for p in prompts]
+
+    def reference(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return fp32(torch.tensor([ids])).logits[0, -1]
+
+    for ids in rows[:2]:
+        assert torch.allclose(decoder.prefill(ids), reference(ids), atol=1e-4)
+    logits = decoder.decode(torch.tensor([11, 12]))  # two rows of different lengths in one step
+    rows[0].append(11)
+    rows[1].append(12)
+    assert all(torch.allclose(logits[i], reference(rows[i]), atol=1e-4) for i in range(2))
+    decoder.prefill(rows[2])  # joins between steps
+    decoder.free(0)  # row 0 leaves; row 2 moves into slot 0
+    logits = decoder.decode(torch.tensor([21, 22]))
+    rows[2].append(21)
+    rows[1].append(22)
+    assert torch.allclose(logits[0], reference(rows[2]), atol=1e-4)
+    assert torch.allclose(logits[1], reference(rows[1]), atol=1e-4)
+    for step in range(70):  # past the first cache block: the cache grows and keeps what it held
+        logits = decoder.decode(torch.tensor([30 + step, 31 + step]))
+        rows[2].append(30 + step)
+        rows[1].append(31 + step)
+    assert torch.allclose(logits[1], reference(rows[1]), atol=1e-4)
+
+
+def test_requests_with_different_settings_share_steps_and_leave_when_done(tiny_registry):
+    steps: list[int] = []
+    engine = GenerationEngine.from_registry(ModelRegistry(tiny_registry), on_step=lambda rows, s: steps.append(rows))
+    assert engine.batching == "continuous"
+    with engine:
+        long = engine.submit(GenerationRequest(ask("Tell me about sleep."), SamplingParams(max_new_tokens=120), n=2))
+        wait_for(lambda: steps, 30, "the long request decoding")
+        short = engine.submit(GenerationRequest(ask("Hi"), SamplingParams(max_new_tokens=3, temperature=1.3,
+                                                                           top_k=5, top_p=0.5), n=1))
+        result = short.future.result(timeout=60)
+        assert not long.future.done()  # it joined a running batch and finished first
+        assert len(result.candidates) == 1 and result.candidates[0].completion_tokens <= 3
+        assert max(steps) == 3  # 2 rows of the long request + 1 of the short one in the same steps
+        assert len(long.future.result(timeout=120).candidates) == 2
+
+
+def test_a_cancelled_request_leaves_at_the_next_step(tiny_registry):
+    steps: list[int] = []
+    with GenerationEngine.from_registry(ModelRegistry(tiny_registry), on_step=lambda rows, s: steps.append(rows)) as e:
+        job = e.submit(GenerationRequest(ask("Tell me everything about headaches."),
+                                         SamplingParams(max_new_tokens=400), n=3))
+        wait_for(lambda: steps, 30, "decoding")
+        job.cancel()
+        assert job.future.result(timeout=30).error == "cancelled"
+        other = e.submit(GenerationRequest(ask("Hi"), SamplingParams(max_new_tokens=5), n=1))
+        assert other.future.result(timeout=30).candidates
+        assert steps[-1] == 1  # the cancelled rows are gone
+
+
+def test_seeded_requests_repeat_and_streams_add_up_to_the_result(tiny_registry):
+    with GenerationEngine.from_registry(ModelRegistry(tiny_registry)) as engine:
+        seeded = GenerationRequest(ask("How do I sleep better?"), SamplingParams(seed=7, max_new_tokens=40), n=2)
+        first, second = engine.generate([seeded])[0], engine.generate([seeded])[0]
+        assert [c.text for c in first.candidates] == [c.text for c in second.candidates]
+        pieces: dict[int, str] = {0: "", 1: ""}
+        lock = threading.Lock()
+
+        def on_token(i, j, delta):
+            with lock:
+                pieces[j] += delta
+
+        streamed = engine.generate([seeded], on_token=on_token)[0]
+        assert [pieces[0].strip(), pieces[1].strip()] == [c.text for c in streamed.candidates]
+
+
+def test_other_architectures_use_static_batching():
+    _, tok = random_tiny_model()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+    assert not supports(model)
+    with GenerationEngine(model, tok, "v0001") as engine:
+        assert engine.batching == "static"
+        out = engine.generate([GenerationRequest(ask("hello"), SamplingParams(max_new_tokens=5), n=2),
+                               GenerationRequest(ask("see a doctor"), SamplingParams(max_new_tokens=3, seed=1))])
+        assert [len(r.candidates) for r in out] == [2, 1]
+        assert all(c.completion_tokens <= 5 for r in out for c in r.candidates)
