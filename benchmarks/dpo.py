@@ -1,9 +1,15 @@
-"""DPO pairs/s and peak memory: our configured run (services/trainer/dpo.py) vs TRL's
-defaults with seed 001's settings (LoRA r16/a32 q,v; beta 0.1; batch 2 x accum 2; lr 5e-5;
-TRL's default gradient checkpointing), same model, same pairs. Each runs in its own
-process so peak RSS is its own. Last line: `ratio: X` = our pairs/s over the baseline's.
+"""DPO pairs/s and peak memory: prefloop's DPO job vs TRL's DPOTrainer, same model, same pairs.
 
-usage: python benchmarks/dpo.py [--registry DIR] [--pairs 64]
+Rows (each run in its own process, so its peak RSS is its own):
+- TRL DPOTrainer with TRL's defaults and seed 001's settings (fp32, LoRA r16 on q/v, batch 2 x 2,
+  max_length 1024, TRL's default activation checkpointing): what the seed's code runs.
+- TRL DPOTrainer at prefloop's settings (same batch, LoRA targets, lengths, no activation
+  checkpointing, precomputed reference log-probs): like with like; the ratio is against this row.
+- prefloop's job (`services/trainer/lean_dpo.py`, the trainer's real path), first run;
+- the same pairs again with the reference log-probs cached (a replayed pair's cost).
+Last line: `ratio: X` = prefloop's first run over TRL at the same settings, in pairs/s.
+
+usage: .venv/bin/python benchmarks/dpo.py [--model smollm2|tiny] [--registry DIR] [--pairs 64]
 """
 
 from __future__ import annotations
@@ -18,85 +24,122 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests/prefs.py builds realistic pairs
+sys.path.insert(0, str(ROOT))
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SETTINGS = dict(beta=0.1, learning_rate=2e-4, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                num_train_epochs=1.0, max_length=384, lora_r=16, lora_alpha=32, lora_target_modules=ALL)
 
 
-def pairs_file(registry: Path, n: int, out: Path) -> None:
-    from services.trainer.ledger import to_trl_row
-    from shared.engine import GenerationEngine
+def ensure_registry(model: str, registry: Path) -> Path:
     from shared.registry import ModelRegistry
-    from tests.prefs import judged_preferences
 
-    prefs = judged_preferences(GenerationEngine.from_registry(ModelRegistry(registry)), prompts=n * 2)[:n]
-    out.write_text("\n".join(json.dumps(to_trl_row(p)) for p in prefs))
+    reg = ModelRegistry(registry)
+    if reg.current() is None:
+        from services.trainer.bootstrap import bootstrap_base, bootstrap_tiny
+
+        bootstrap_tiny(reg) if model == "tiny" else bootstrap_base(reg, model, "none")
+    return reg.verified_path(reg.current())
 
 
-def child(which: str, registry: Path, data: Path) -> None:
+def make_pairs(parent: Path, n: int, out: Path) -> None:
+    """The model's own answers to training questions, best vs worst under the rubric (margin 2)."""
+    from shared.alignment_data import health_prompts
+    from shared.engine import GenerationEngine, GenerationRequest
+    from shared.judging.selection import best_worst_by_score
+    from shared.wire import SamplingParams
+
+    prompts = health_prompts("train")
+    rows: list[dict] = []
+    with GenerationEngine.from_path(parent, version="bench", max_batch_size=128) as engine:
+        for start in range(0, len(prompts), 64):
+            batch = prompts[start:start + 64]
+            results = engine.generate([GenerationRequest(p.messages, SamplingParams(max_new_tokens=96, temperature=0.8),
+                                                         n=4) for p in batch])
+            for p, r in zip(batch, results):
+                chosen, rejected = best_worst_by_score([c.text for c in r.candidates], 2.0)
+                if chosen is not None:
+                    rows.append({"pair_id": p.id, "prompt": [m.model_dump() for m in p.messages],
+                                 "chosen": [{"role": "assistant", "content": chosen}],
+                                 "rejected": [{"role": "assistant", "content": rejected}]})
+            if len(rows) >= n:
+                break
+    out.write_text("\n".join(json.dumps(r) for r in rows[:n]))
+
+
+def child(which: str, parent: Path, data: Path, cache: Path) -> None:
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
 
     from services.trainer.dpo import DPOJobConfig, run_dpo
-    from shared.registry import ModelRegistry
+    from services.trainer.lean_dpo import ReferenceCache
 
     torch.manual_seed(0)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    parent = ModelRegistry(registry).verified_path(ModelRegistry(registry).current())
+    work = Path(tempfile.mkdtemp())
     started = time.perf_counter()
-    if which == "ours":
-        run_dpo(parent, rows, DPOJobConfig(learning_rate=5e-5), Path(tempfile.mkdtemp()))
+    if which in ("ours", "ours-replay"):
+        run_dpo(parent, rows, DPOJobConfig(**SETTINGS, dpo_implementation="prefloop"), work, parent=str(parent),
+                reference_cache=ReferenceCache(cache))
+    elif which == "trl-same":
+        run_dpo(parent, rows, DPOJobConfig(**SETTINGS, dpo_implementation="trl", precompute_ref_log_probs=True), work)
     else:
-        tok = AutoTokenizer.from_pretrained(str(parent))
-        args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                         learning_rate=5e-5, lr_scheduler_type="cosine", beta=0.1, max_length=1024,
-                         num_train_epochs=1, max_grad_norm=0.3, warmup_steps=0.03, use_cpu=True, bf16=False,
-                         report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True)
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(output_dir=str(work), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         learning_rate=5e-5, lr_scheduler_type="cosine", beta=0.1, max_length=1024, num_train_epochs=1,
+                         max_grad_norm=0.3, warmup_steps=0.03, use_cpu=True, bf16=False, report_to="none",
+                         save_strategy="no", logging_steps=10, disable_tqdm=True)
         trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(parent)), ref_model=None, args=args,
                              train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
                                                               for r in rows]),
-                             processing_class=tok,
+                             processing_class=AutoTokenizer.from_pretrained(str(parent)),
                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                     target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
         trainer.train()
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"pairs": len(rows), "seconds": seconds, "peak_mb": peak_mb}))
+    print(json.dumps({"pairs": len(rows), "seconds": seconds,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+ROWS = [("trl-seed", "TRL DPOTrainer, TRL defaults + seed 001 settings"),
+        ("trl-same", "TRL DPOTrainer, prefloop's settings"),
+        ("ours", "prefloop DPO job (first run)"),
+        ("ours-replay", "prefloop DPO job (references cached)")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
     ap.add_argument("--registry", type=Path, default=None)
     ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--child", choices=["ours", "baseline"])
+    ap.add_argument("--child")
+    ap.add_argument("--parent", type=Path)
     ap.add_argument("--data", type=Path)
+    ap.add_argument("--cache", type=Path)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.registry, args.data)
-    registry = args.registry or Path(tempfile.mkdtemp()) / "registry"
-    from shared.registry import ModelRegistry
-
-    if ModelRegistry(registry).current() is None:
-        from services.trainer.bootstrap import bootstrap_tiny
-
-        bootstrap_tiny(ModelRegistry(registry))
-    data = Path(tempfile.mkdtemp()) / "pairs.jsonl"
-    pairs_file(registry, args.pairs, data)
+        return child(args.child, args.parent, args.data, args.cache)
+    work = Path(tempfile.mkdtemp(prefix="prefloop-bench-dpo-"))
+    parent = ensure_registry(args.model, args.registry or work / "registry")
+    data = work / "pairs.jsonl"
+    make_pairs(parent, args.pairs, data)
     results = {}
-    for which in ("baseline", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--child", which, "--registry", str(registry),
-                              "--data", str(data)], capture_output=True, text=True, check=True, cwd=ROOT)
+    for which, _ in ROWS:
+        out = subprocess.run([sys.executable, __file__, "--child", which, "--parent", str(parent), "--data", str(data),
+                              "--cache", str(work / "refs.sqlite")], capture_output=True, text=True, check=True, cwd=ROOT)
         results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{results['ours']['pairs']} pairs, 1 epoch, tiny model on CPU (each run in its own process)")
-    print(f"{'runner':<44}{'seconds':>9}{'pairs/s':>9}{'peak MB':>9}")
-    rates = {}
-    for which, label in (("baseline", "TRL defaults + seed 001 settings"), ("ours", "prefloop DPO job")):
+    pairs = results["ours"]["pairs"]
+    print(f"{args.model}: {pairs} pairs, 1 epoch, CPU, {SETTINGS['per_device_train_batch_size']} pairs per step "
+          f"(each row in its own process)")
+    print(f"{'runner':<52}{'seconds':>9}{'pairs/s':>9}{'peak MB':>9}")
+    for which, label in ROWS:
         r = results[which]
-        rates[which] = r["pairs"] / r["seconds"]
-        print(f"{label:<44}{r['seconds']:>9.1f}{rates[which]:>9.1f}{r['peak_mb']:>9.0f}")
-    print(f"peak memory ratio (ours / baseline): {results['ours']['peak_mb'] / results['baseline']['peak_mb']:.2f}")
-    print(f"ratio: {rates['ours'] / rates['baseline']:.2f}")
+        print(f"{label:<52}{r['seconds']:>9.1f}{r['pairs'] / r['seconds']:>9.2f}{r['peak_mb']:>9.0f}")
+    ours, same = results["ours"], results["trl-same"]
+    print(f"peak memory, prefloop / TRL at the same settings: {ours['peak_mb'] / same['peak_mb']:.2f}")
+    print(f"ratio: {same['seconds'] / ours['seconds']:.2f}")
 
 
 if __name__ == "__main__":

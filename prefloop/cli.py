@@ -87,7 +87,7 @@ def serve(service: str = typer.Argument(..., help="generator | judge | trainer |
 
 @app.command()
 def ingest(
-    source: str = typer.Argument(..., help="JSONL/JSON/CSV/parquet file, a `datasets` name/path, or 'demo'"),
+    source: str = typer.Argument(..., help="JSONL/JSON/CSV/parquet file, a `datasets` name/path, or 'demo' (the shipped health questions)"),
     eval_fraction: float = typer.Option(0.1, min=0.0, max=1.0, help="share of prompts held out for evaluation"),
     n: int = typer.Option(2, min=2, max=16, help="candidates to sample per prompt"),
     limit: Optional[int] = typer.Option(None, min=1, help="ingest at most this many usable prompts"),
@@ -100,13 +100,14 @@ def ingest(
     from rich.progress import track
 
     from shared.kafka import BrokerUnavailable, EventProducer, PublishRejected
-    from shared.prompts import DEMO_PROMPTS, SYSTEM_PROMPT, IngestError, build_events
+    from shared.alignment_data import HEALTH_QUESTIONS
+    from shared.prompts import SYSTEM_PROMPT, IngestError, build_events
     from shared.topics import PROMPTS
 
     configure_logging(LogSettings(), "ingest")
     kafka = KafkaSettings()
     try:
-        events, report = build_events(str(DEMO_PROMPTS) if source == "demo" else source,
+        events, report = build_events(str(HEALTH_QUESTIONS) if source == "demo" else source,
                                       system_prompt=None if no_system_prompt else (system_prompt or SYSTEM_PROMPT),
                                       eval_fraction=eval_fraction, n=n, limit=limit, max_prompt_bytes=max_prompt_bytes)
     except IngestError as exc:
@@ -226,14 +227,13 @@ def rollback(
 def eval_(
     a: str = typer.Option(..., "--a", help="candidate version (e.g. v0003)"),
     b: str = typer.Option(..., "--b", help="baseline version (e.g. v0001)"),
-    prompts: Optional[Path] = typer.Option(None, help="prompt file (default: the shipped demo prompts' eval split)"),
+    prompts: Optional[Path] = typer.Option(None, help="prompt file (default: the shipped held-out health questions)"),
     limit: int = typer.Option(64, min=1, help="prompts to compare on"),
     registry: Path = REGISTRY_OPTION,
     out: Path = typer.Option(Path("eval-out"), help="eval.json and blinded_for_raters.csv go here"),
 ) -> None:
     """Both versions answer held-out prompts; the judge (PREFLOOP_JUDGE_*) compares them in both
     orders. Prints win rate with a 95% CI, abstain rate, rubric means, BLEU and lengths."""
-    import asyncio  # noqa: F401  (the judge runs on asyncio)
     import json
 
     from shared.engine import GenerationEngine
@@ -242,16 +242,18 @@ def eval_(
     from shared.judging.settings import JudgeBackendSettings
     from shared.judging.stats import JudgeStats
     from shared.observability import new_registry
-    from shared.prompts import DEMO_PROMPTS, build_events
+    from shared.alignment_data import health_prompts
+    from shared.prompts import build_events
     from shared.registry import ModelRegistry
 
     configure_logging(LogSettings(level="WARNING"), "eval")
     reg = ModelRegistry(registry)
-    events, _ = build_events(str(prompts or DEMO_PROMPTS), eval_fraction=0.2 if prompts is None else 1.0)
-    held = [EvalPrompt(e.messages, e.reference_answer) for e in events if e.split == "eval"][:limit]
+    events = health_prompts("eval") if prompts is None else build_events(str(prompts), eval_fraction=1.0)[0]
+    held = [EvalPrompt(e.messages, e.reference_answer) for e in events][:limit]
     judge_settings = JudgeBackendSettings()
     judge = PairwiseJudge(judge_settings.make_backend(), None, JudgeStats(new_registry()))
-    result = compare(GenerationEngine.from_registry(reg, a), GenerationEngine.from_registry(reg, b), held, judge)
+    with GenerationEngine.from_registry(reg, a) as engine_a, GenerationEngine.from_registry(reg, b) as engine_b:
+        result = compare(engine_a, engine_b, held, judge)
     low, high = result.win_rate_ci95()
     table = Table("criterion", a, b, title=f"{a} vs {b} on {result.prompts} prompts ({judge_settings.judge_id})")
     for criterion in ("correctness", "clarity", "safety", "empathy"):
@@ -286,9 +288,10 @@ def _sigterm_as_interrupt() -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="directory for report.json, report.md, plots and logs"),
-    rounds: int = typer.Option(2, min=1, help="training rounds (users give feedback between rounds)"),
-    prompts: int = typer.Option(200, min=16, help="demo prompts to ingest"),
-    model: str = typer.Option("tiny", help=MODEL_HELP),
+    rounds: int = typer.Option(2, min=1, help="training rounds (each on fresh questions; users give feedback between)"),
+    prompts: Optional[int] = typer.Option(None, min=8, help="new training questions per round (default: the "
+                                                            "model's plan, 64 for smollm2, 80 for tiny)"),
+    model: str = typer.Option("smollm2", help=MODEL_HELP),
 ) -> None:
     """Run the flywheel on the embedded default and write DIR/report.json, report.md and plots.
     Exit code 0 only if a new version was promoted and the gateway serves it."""
@@ -302,17 +305,23 @@ def demo(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every process started by the demo was stopped[/yellow]")
         raise typer.Exit(code=130)
-    table = Table("version", "parent", "kind", "promoted", "win rate vs parent", "safety", "perplexity", "pairs",
-                  title=f"prefloop demo: {report.elapsed_s}s, gateway serves {report.served_version}")
+    table = Table("version", "parent", "promoted", "win vs parent", "win vs base", "safety", "ppl med", "ppl gen",
+                  "pairs", title=f"prefloop demo ({model}): {report.elapsed_s}s, gateway serves {report.served_version}")
     for v in report.versions:
-        table.add_row(v["version"], v["parent"] or "-", v["kind"], "yes" if v["promoted"] else "no",
-                      str(v["win_rate_vs_parent"]), str(v["safety_mean"]), str(v["perplexity_change"]),
-                      str(v["pairs_trained"]))
+        table.add_row(v["version"], v["parent"] or "-", "yes" if v["promoted"] else "no",
+                      str(v["win_rate_vs_parent"]), str(v["win_rate_vs_base"]), str(v["safety_mean"]),
+                      str(v["perplexity_change"]), str(v["general_perplexity_change"]), str(v["pairs_trained"]))
     console.print(table)
-    console.print(f"prompts {report.prompts_ingested}, candidates {report.candidates}, preferences "
+    console.print(f"questions {report.prompts_ingested}, candidates {report.candidates}, preferences "
                   f"{report.preferences} (judge {report.judge_preferences}, users {report.user_preferences}), "
                   f"abstentions {report.abstentions}, feedback {report.feedback_events}, "
                   f"dead letters {report.dead_letters}")
+    if report.final:
+        f = report.final
+        console.print(f"{f['version']} vs base {f['base']}: win rate {f['win_rate_vs_base']} (95% CI "
+                      f"{f['win_rate_vs_base_ci95']}), safety {f['safety_change']:+.2f}, length "
+                      f"{f['length_change']:+.1%}, perplexity medical {f['perplexity_change_medical']:+.1%}, "
+                      f"general {f['perplexity_change_general']:+.1%}")
     console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, plots in {out / 'plots'}")
     if not ok:
         console.print("[red]no new version was promoted and served[/red]")

@@ -13,14 +13,17 @@ import asyncio
 import csv
 import math
 import random
+import sqlite3
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from shared.engine import GenerationEngine, GenerationRequest
+from shared.ids import content_id
 from shared.judging.pairwise import PairwiseJudge
-from shared.wire import ChatMessage, PreferenceEvent, RubricScores, SamplingParams
+from shared.wire import Candidate, ChatMessage, PreferenceEvent, RubricScores, SamplingParams
 
 CRITERIA = tuple(RubricScores.model_fields)
 
@@ -85,32 +88,66 @@ def _mean_scores(scores: list[RubricScores]) -> dict[str, float]:
     return {c: round(sum(getattr(s, c) for s in scores) / len(scores), 3) for c in CRITERIA}
 
 
+class AnswerCache:
+    """Held-out answers by (version, prompt, sampling): a version answers each held-out prompt
+    once, whether it is the candidate in one gate, the parent in the next, or the base of a report."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False)
+        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, candidate TEXT NOT NULL)")
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Candidate | None:
+        with self._lock:
+            row = self._db.execute("SELECT candidate FROM answers WHERE key = ?", (key,)).fetchone()
+        return Candidate.model_validate_json(row[0]) if row else None
+
+    def put(self, key: str, candidate: Candidate) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, candidate.model_dump_json()))
+
+
+def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: SamplingParams,
+            cache: AnswerCache | None = None) -> list[Candidate | None]:
+    """One answer per prompt, seeded by (version, prompt): reproducible, and independent between
+    versions (with a shared seed two close models mostly emit the same text, and the verdict would
+    rest on a handful of prompts)."""
+    keys, seeds = [], []
+    for p in prompts:
+        conversation = [m.model_dump() for m in p.messages]
+        seeds.append(int(content_id("seed", {"v": engine.version, "c": conversation})[5:20], 16))
+        keys.append(content_id("ans", {"v": engine.version, "c": conversation, "s": sampling.model_dump()}))
+    out: list[Candidate | None] = [cache.get(k) if cache else None for k in keys]
+    missing = [i for i, c in enumerate(out) if c is None]
+    results = engine.generate([GenerationRequest(prompts[i].messages, sampling.model_copy(update={"seed": seeds[i]}))
+                               for i in missing])
+    for i, result in zip(missing, results):
+        out[i] = result.candidates[0] if result.candidates else None
+        if cache and out[i] is not None:
+            cache.put(keys[i], out[i])
+    return out
+
+
 def compare(candidate: GenerationEngine, baseline: GenerationEngine, prompts: list[EvalPrompt],
-            judge: PairwiseJudge, sampling: SamplingParams | None = None, seed: int = 1234) -> Comparison:
+            judge: PairwiseJudge, sampling: SamplingParams | None = None, cache: AnswerCache | None = None
+            ) -> Comparison:
     sampling = sampling or SamplingParams(max_new_tokens=128)
-
-    def requests(offset: int) -> list[GenerationRequest]:
-        return [GenerationRequest(p.messages, sampling.model_copy(update={"seed": seed + offset + i}), n=1)
-                for i, p in enumerate(prompts)]
-
-    # Independent seeds per model: with a shared seed, two close models mostly emit the same
-    # text and the verdict would rest on a handful of prompts. Reproducible all the same.
-    cand_out, base_out = candidate.generate(requests(0)), baseline.generate(requests(len(prompts)))
+    cand_out, base_out = answers(candidate, prompts, sampling, cache), answers(baseline, prompts, sampling, cache)
     result = Comparison(candidate=candidate.version, baseline=baseline.version, prompts=len(prompts))
 
     async def judge_all():
         jobs = []
         for p, c, b in zip(prompts, cand_out, base_out):
-            jobs.append(judge.pair(p.messages, p.reference, c.candidates[0].text, b.candidates[0].text)
-                        if c.candidates and b.candidates and c.candidates[0].text != b.candidates[0].text
+            jobs.append(judge.pair(p.messages, p.reference, c.text, b.text) if c and b and c.text != b.text
                         else asyncio.sleep(0, result=None))
         return await asyncio.gather(*jobs)
 
     pairs = asyncio.run(judge_all())
     scores: dict[str, list[RubricScores]] = {"candidate": [], "baseline": []}
     for p, c, b, pair in zip(prompts, cand_out, base_out, pairs):
-        ctext = c.candidates[0].text if c.candidates else ""
-        btext = b.candidates[0].text if b.candidates else ""
+        ctext = c.text if c else ""
+        btext = b.text if b else ""
         result.rows.append({"prompt": p.messages[-1].content, "candidate": ctext, "baseline": btext,
                             "reference": p.reference})
         if pair is None or pair.winner is None:
@@ -125,8 +162,8 @@ def compare(candidate: GenerationEngine, baseline: GenerationEngine, prompts: li
     result.rubric = {candidate.version: _mean_scores(scores["candidate"]),
                      baseline.version: _mean_scores(scores["baseline"])}
     result.mean_tokens = {
-        candidate.version: _mean([c.candidates[0].completion_tokens for c in cand_out if c.candidates]),
-        baseline.version: _mean([b.candidates[0].completion_tokens for b in base_out if b.candidates]),
+        candidate.version: _mean([c.completion_tokens for c in cand_out if c]),
+        baseline.version: _mean([b.completion_tokens for b in base_out if b]),
     }
     refs = [(r["reference"], r["candidate"], r["baseline"]) for r in result.rows if r["reference"]]
     if refs:

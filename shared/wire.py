@@ -190,7 +190,8 @@ class JudgementAbstainedEvent(Event):
     prompt_id: str
     policy_version: str
     judge_id: str
-    reason: Literal["inconsistent", "tie", "failure", "insufficient_candidates"]
+    reason: Literal["inconsistent", "tie", "failure", "insufficient_candidates", "conflict"]
+    """tie: no winner, or best and worst closer than the margin; conflict: the judge contradicts a user's rating"""
     detail: str = ""
 
 
@@ -230,7 +231,15 @@ class EvalSummary(WireModel):
     preference_accuracy: float | None = None
     parent_preference_accuracy: float | None = None
     perplexity_change: float | None = None
+    """on held-out medical answers (the forgetting guard)"""
+    general_perplexity_change: float | None = None
+    """on held-out general question/answer pairs (the second forgetting guard)"""
     length_change: float | None = None
+    base_version: str | None = None
+    """the lineage's original model: every version is also compared with it"""
+    win_rate_vs_base: float | None = None
+    win_rate_vs_base_ci95: tuple[float, float] | None = None
+    base_safety_mean: float | None = None
     pairs_trained: int | None = None
     promoted: bool = False
     gate_reasons: list[str] = Field(default_factory=list)

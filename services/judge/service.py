@@ -25,7 +25,8 @@ class JudgeService:
                  preferences: Topic, abstentions: Topic, candidates_dlq: Topic) -> None:
         self.stats = stats
         self.backend = settings.make_backend(on_latency=stats.observe_latency)
-        self.judge = PairwiseJudge(self.backend, VerdictCache(settings.cache_path, settings.cache_max_entries), stats)
+        self.judge = PairwiseJudge(self.backend, VerdictCache(settings.cache_path, settings.cache_max_entries), stats,
+                                   min_margin=settings.min_margin)
         self._producer = producer
         self._preferences, self._abstentions, self._dlq = preferences, abstentions, candidates_dlq
         self._loop = asyncio.new_event_loop()

@@ -18,3 +18,5 @@ class JudgeSettings(ServiceSettings, JudgeBackendSettings):
     batch_size: int = Field(16, ge=1)
     batch_timeout_ms: int = Field(200, ge=0)
     health_log_interval_s: float = Field(60.0, gt=0)
+    min_margin: float = Field(2.0, ge=0, description="best and worst candidate must differ by this much in weighted "
+                              "rubric score (safety counts double) to become a pair")

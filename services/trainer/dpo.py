@@ -23,6 +23,8 @@ from datasets.utils.logging import disable_progress_bar
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
+from services.trainer.lean_dpo import ReferenceCache, train_lora_dpo
+
 log = logging.getLogger(__name__)
 disable_progress_bar()  # services log; they do not draw progress bars
 TINY_BASE = "prefloop-tiny-llama"
@@ -36,6 +38,8 @@ measurement; the hyperparameter sweep in benchmarks/ refines it)."""
 @dataclass
 class DPOJobConfig:
     beta: float = 0.1
+    sft_weight: float = 0.0
+    """RPO: add this times the chosen answers' per-token NLL to the DPO loss (0: plain DPO)"""
     learning_rate: float | None = None
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
@@ -54,6 +58,13 @@ class DPOJobConfig:
     precompute_ref_log_probs: bool = False
     seed: int = 42
     logging_steps: int = 1
+    dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"
+    """auto: prefloop's loop (lean_dpo.py) on CPU, TRL's DPOTrainer on CUDA and for QLoRA"""
+
+    def resolved_implementation(self) -> str:
+        if self.dpo_implementation != "auto":
+            return self.dpo_implementation
+        return "trl" if torch.cuda.is_available() or self.quantization != "none" else "prefloop"
 
     def resolved_learning_rate(self, base_model: str | None) -> float:
         if self.learning_rate is not None:
@@ -96,9 +107,12 @@ def load_policy(path: Path, quantization: str):
 
 
 def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path,
-            base_model: str | None = None) -> DPOResult:
+            base_model: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None
+            ) -> DPOResult:
     """Train a LoRA adapter on conversational preference rows (prompt/chosen/rejected)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.resolved_implementation() == "prefloop":
+        return _run_lean(parent_path, rows, config, run_dir, base_model, parent, reference_cache)
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"
@@ -106,6 +120,7 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     lr = config.resolved_learning_rate(base_model)
     args = DPOConfig(
         output_dir=str(run_dir / "trainer"), beta=config.beta, learning_rate=lr,
+        **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]} if config.sft_weight else {}),
         lr_scheduler_type=config.lr_scheduler_type, warmup_steps=config.warmup_ratio,
         max_grad_norm=config.max_grad_norm, per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.num_train_epochs,
@@ -127,12 +142,39 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # the adapter only
     history = [h for h in trainer.state.log_history if "loss" in h]
+    return _result(adapter_dir, history, trainer.state.global_step, started, config, lr, run_dir)
+
+
+def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, config: DPOJobConfig, lr: float,
+            run_dir: Path) -> DPOResult:
     hit = next((h.get("step") or i + 1 for i, h in enumerate(history) if h.get("rewards/accuracies", 0) >= 1.0), None)
-    result = DPOResult(adapter_dir=adapter_dir, history=history, steps=trainer.state.global_step,
-                       seconds=round(time.monotonic() - started, 1), config={**asdict(config), "learning_rate": lr},
+    result = DPOResult(adapter_dir=adapter_dir, history=history, steps=steps,
+                       seconds=round(time.monotonic() - started, 1),
+                       config={**asdict(config), "learning_rate": lr, "implementation": config.resolved_implementation()},
                        reward_accuracy_hit_1_at_step=hit)
     plot_metrics(history, run_dir / "metrics.png")
     return result
+
+
+def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, base_model: str | None,
+              parent: str, cache: ReferenceCache | None) -> DPOResult:
+    """prefloop's CPU loop: frozen base in bf16 where the CPU computes it natively, cached references."""
+    tok = AutoTokenizer.from_pretrained(str(parent_path))
+    dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=dtype)
+    lr = config.resolved_learning_rate(base_model)
+    metrics = run_dir / "metrics.jsonl"
+    started = time.monotonic()
+
+    def on_log(row: dict) -> None:
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    peft_model, history, steps = train_lora_dpo(model, tok, rows, config, learning_rate=lr,
+                                                parent=parent or str(parent_path), cache=cache, on_log=on_log)
+    adapter_dir = run_dir / "adapter"
+    peft_model.save_pretrained(str(adapter_dir))  # the adapter only
+    return _result(adapter_dir, history, steps, started, config, lr, run_dir)
 
 
 def merge_adapter(parent_path: Path, adapter_dir: Path):

@@ -1,22 +1,37 @@
-"""The promotion gate: a new version must be measurably better and not worse elsewhere.
+"""The promotion gate: a new version must be measurably better on prompts it never trained on,
+and not worse elsewhere.
 
-- preference accuracy on held-out ledger pairs must not fall below the parent's;
-- win rate vs the parent on held-out prompts (judge, both orders) >= threshold, and the
-  mean safety score must not drop;
-- forgetting guard: perplexity on a held-out SFT reference set rises at most X%;
-- length guard: mean answer length drifts at most Y%;
-- a run whose reward accuracy is 1.0 from the start is flagged (seed 003's reward hacking).
+- win rate vs the parent on held-out prompts (the judge, both orders, ties excluded): the lower
+  bound of its 95% Wilson interval must be above `min_win_ci_lower` (0.5: better than a coin);
+- the mean safety score must not fall (beyond `safety_tolerance`);
+- forgetting guards: perplexity on held-out medical question/answer pairs (`medical_qa.jsonl`,
+  questions the loop never samples) and on general question/answer pairs rises at most
+  `max_perplexity_increase`;
+- length guard: mean answer length drifts at most `max_length_drift`;
+- reported, not gating: held-out preference accuracy, and a run whose reward accuracy is 1.0 from
+  the start (seed 003's reward hacking) is flagged.
+
+Every version is also compared with the original base model on the same prompts, for the report
+(win rate vs base with its CI, rubric means of all three). The parent, the new version and the base
+are loaded from the registry onto the same device and dtype; each answers a prompt once (seeded by
+version and prompt, cached), so the parent's answers from the previous gate are reused.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.trainer.settings import TrainerSettings
+from shared.alignment_data import general_conversations, health_prompts, medical_conversations
 from shared.engine import GenerationEngine
-from shared.evaluation import Comparison, EvalPrompt, compare, perplexity, preference_accuracy
+from shared.evaluation import AnswerCache, Comparison, EvalPrompt, compare, perplexity, preference_accuracy
+from shared.judging.cache import VerdictCache
 from shared.judging.pairwise import PairwiseJudge
+from shared.judging.stats import JudgeStats
+from shared.observability import new_registry
+from shared.registry import ModelRegistry
 from shared.wire import EvalSummary, PreferenceEvent, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,58 +46,94 @@ class GateResult:
     details: dict = field(default_factory=dict)
 
 
-def evaluate_gate(new: GenerationEngine, parent: GenerationEngine, *, settings: TrainerSettings,
-                  judge: PairwiseJudge, prompts: list[EvalPrompt], heldout: list[PreferenceEvent],
-                  reference_set: list[list[dict]], history: list[dict], pairs_trained: int) -> GateResult:
-    reasons: list[str] = []
-    flags: list[str] = []
+def root_version(registry: ModelRegistry, version: str) -> str:
+    """The version a lineage started from (bootstrap): what every child is also compared with."""
+    while (parent := registry.get(version).parent) is not None:
+        version = parent
+    return version
 
-    acc_new = preference_accuracy(new, heldout) if heldout else None
-    acc_parent = preference_accuracy(parent, heldout) if heldout else None
-    if heldout and acc_new < acc_parent - settings.preference_accuracy_tolerance:
-        reasons.append(f"held-out preference accuracy fell: {acc_new:.3f} < parent {acc_parent:.3f}"
-                       f" - {settings.preference_accuracy_tolerance}")
 
-    sampling = SamplingParams(max_new_tokens=settings.eval_max_new_tokens)
-    comparison = compare(new, parent, prompts, judge, sampling, seed=settings.seed)
-    win_rate = comparison.win_rate
-    if win_rate < settings.win_rate_threshold:
-        reasons.append(f"win rate vs parent {win_rate:.3f} < threshold {settings.win_rate_threshold} "
-                       f"({comparison.wins} wins, {comparison.losses} losses, {comparison.abstentions} abstentions)")
-    safety_new = comparison.rubric.get(new.version, {}).get("safety")
-    safety_parent = comparison.rubric.get(parent.version, {}).get("safety")
-    if safety_new is not None and safety_parent is not None and safety_new < safety_parent - settings.safety_tolerance:
-        reasons.append(f"mean safety dropped: {safety_new:.2f} < parent {safety_parent:.2f}")
+def eval_prompts(count: int) -> list[EvalPrompt]:
+    """The shipped held-out health questions: no part of the loop samples or trains on them."""
+    return [EvalPrompt(p.messages, p.reference_answer) for p in health_prompts("eval")[:count]]
 
-    ppl_change = None
-    if reference_set:
-        ppl_parent, ppl_new = perplexity(parent, reference_set), perplexity(new, reference_set)
-        ppl_change = ppl_new / ppl_parent - 1
-        if ppl_change > settings.max_perplexity_increase:
-            reasons.append(f"forgetting guard: reference perplexity +{ppl_change:.1%} "
-                           f"> {settings.max_perplexity_increase:.0%} ({ppl_parent:.3f} -> {ppl_new:.3f})")
 
-    len_new, len_parent = comparison.mean_tokens.get(new.version, 0), comparison.mean_tokens.get(parent.version, 0)
-    length_change = (len_new / len_parent - 1) if len_parent else None
-    if length_change is not None and abs(length_change) > settings.max_length_drift:
-        reasons.append(f"length guard: mean answer length changed {length_change:+.1%} "
-                       f"(> {settings.max_length_drift:.0%})")
+class Gate:
+    def __init__(self, settings: TrainerSettings, registry: ModelRegistry, work_dir: Path) -> None:
+        self.settings, self.registry = settings, registry
+        self.answers = AnswerCache(work_dir / "gate-answers.sqlite")
+        self.verdicts = VerdictCache(work_dir / "gate-verdicts.sqlite")
+        self.general = general_conversations(settings.general_reference_size)
+        self.medical = medical_conversations(settings.medical_reference_size)
 
-    early = [h.get("rewards/accuracies") for h in history[: settings.reward_hack_window]]
-    if len(early) == settings.reward_hack_window and all(a is not None and a >= 1.0 for a in early):
-        flags.append(f"reward accuracy was 1.0 for the first {settings.reward_hack_window} logged steps "
-                     "(possible reward hacking; check answers, not just rewards)")
+    def evaluate(self, new_version: str, parent: str, *, heldout: list[PreferenceEvent],
+                 history: list[dict], pairs_trained: int) -> GateResult:
+        s = self.settings
+        base = root_version(self.registry, parent)
+        judge = PairwiseJudge(s.judge.make_backend(), self.verdicts, JudgeStats(new_registry()))
+        prompts = eval_prompts(s.eval_prompts)
+        sampling = SamplingParams(max_new_tokens=s.eval_max_new_tokens)
+        load = {v: (lambda v=v: GenerationEngine.from_registry(self.registry, v, dtype=s.engine.dtype))
+                for v in {new_version, parent, base}}
+        with load[new_version]() as new, load[parent]() as old:
+            vs_parent = compare(new, old, prompts, judge, sampling, self.answers)
+            ppl = {name: (perplexity(new, conversations), perplexity(old, conversations))
+                   for name, conversations in (("medical", self.medical), ("general", self.general)) if conversations}
+            accuracy = (preference_accuracy(new, heldout), preference_accuracy(old, heldout)) if heldout else None
+            if base == parent:
+                vs_base = vs_parent
+            else:
+                with load[base]() as root:
+                    vs_base = compare(new, root, prompts, judge, sampling, self.answers)
+        return self._decide(vs_parent, vs_base, ppl, accuracy, history, pairs_trained)
 
-    summary = EvalSummary(
-        win_rate_vs_parent=round(win_rate, 4), win_rate_ci95=comparison.win_rate_ci95(),
-        abstain_rate=round(comparison.abstain_rate, 4), safety_mean=safety_new, parent_safety_mean=safety_parent,
-        preference_accuracy=acc_new, parent_preference_accuracy=acc_parent,
-        perplexity_change=round(ppl_change, 4) if ppl_change is not None else None,
-        length_change=round(length_change, 4) if length_change is not None else None,
-        pairs_trained=pairs_trained, promoted=not reasons, gate_reasons=reasons + [f"flag: {f}" for f in flags],
-    )
-    return GateResult(passed=not reasons, summary=summary, comparison=comparison, flags=flags,
-                      details={"rubric": comparison.rubric, "mean_tokens": comparison.mean_tokens,
-                               "bleu": comparison.bleu, "wins": comparison.wins, "losses": comparison.losses,
-                               "abstentions": comparison.abstentions})
-
+    def _decide(self, vs_parent: Comparison, vs_base: Comparison, ppl: dict, accuracy, history: list[dict],
+                pairs_trained: int) -> GateResult:
+        s = self.settings
+        new, parent, base = vs_parent.candidate, vs_parent.baseline, vs_base.baseline
+        reasons, flags = [], []
+        low, high = vs_parent.win_rate_ci95()
+        if low <= s.min_win_ci_lower:
+            reasons.append(f"win rate vs parent {vs_parent.win_rate:.3f} (95% CI {low:.3f}-{high:.3f}) is not above "
+                           f"{s.min_win_ci_lower} ({vs_parent.wins} wins, {vs_parent.losses} losses, "
+                           f"{vs_parent.abstentions} ties)")
+        safety_new = vs_parent.rubric.get(new, {}).get("safety")
+        safety_parent = vs_parent.rubric.get(parent, {}).get("safety")
+        if safety_new is not None and safety_parent is not None and safety_new < safety_parent - s.safety_tolerance:
+            reasons.append(f"mean safety dropped: {safety_new:.2f} < parent {safety_parent:.2f}")
+        change = {name: new_ppl / old_ppl - 1 for name, (new_ppl, old_ppl) in ppl.items()}
+        for name, delta in change.items():
+            if delta > s.max_perplexity_increase:
+                reasons.append(f"forgetting guard ({name}): held-out perplexity {delta:+.1%} "
+                               f"> {s.max_perplexity_increase:.0%} ({ppl[name][1]:.3f} -> {ppl[name][0]:.3f})")
+        len_new, len_parent = vs_parent.mean_tokens.get(new, 0), vs_parent.mean_tokens.get(parent, 0)
+        length_change = (len_new / len_parent - 1) if len_parent else None
+        if length_change is not None and abs(length_change) > s.max_length_drift:
+            reasons.append(f"length guard: mean answer length changed {length_change:+.1%} "
+                           f"(> {s.max_length_drift:.0%})")
+        if accuracy and accuracy[0] < accuracy[1] - s.preference_accuracy_tolerance:
+            flags.append(f"held-out preference accuracy fell: {accuracy[0]:.3f} < parent {accuracy[1]:.3f}")
+        early = [h.get("rewards/accuracies") for h in history[: s.reward_hack_window]]
+        if len(early) == s.reward_hack_window and all(a is not None and a >= 1.0 for a in early):
+            flags.append(f"reward accuracy was 1.0 for the first {s.reward_hack_window} logged steps "
+                         "(possible reward hacking; check answers, not just rewards)")
+        base_low, base_high = vs_base.win_rate_ci95()
+        summary = EvalSummary(
+            win_rate_vs_parent=round(vs_parent.win_rate, 4), win_rate_ci95=(low, high),
+            abstain_rate=round(vs_parent.abstain_rate, 4), safety_mean=safety_new, parent_safety_mean=safety_parent,
+            preference_accuracy=accuracy[0] if accuracy else None,
+            parent_preference_accuracy=accuracy[1] if accuracy else None,
+            perplexity_change=round(change["medical"], 4) if "medical" in change else None,
+            general_perplexity_change=round(change["general"], 4) if "general" in change else None,
+            length_change=round(length_change, 4) if length_change is not None else None,
+            base_version=base, win_rate_vs_base=round(vs_base.win_rate, 4), win_rate_vs_base_ci95=(base_low, base_high),
+            base_safety_mean=vs_base.rubric.get(base, {}).get("safety"),
+            pairs_trained=pairs_trained, promoted=not reasons, gate_reasons=reasons + [f"flag: {f}" for f in flags])
+        rubric = {**vs_base.rubric, **vs_parent.rubric}
+        details = {"rubric": rubric, "mean_tokens": {**vs_base.mean_tokens, **vs_parent.mean_tokens},
+                   "bleu": vs_parent.bleu, "wins": vs_parent.wins, "losses": vs_parent.losses,
+                   "abstentions": vs_parent.abstentions, "prompts": vs_parent.prompts,
+                   "vs_base": {"wins": vs_base.wins, "losses": vs_base.losses, "abstentions": vs_base.abstentions},
+                   "samples": [{"prompt": b["prompt"], "base": b["baseline"], "new": b["candidate"]}
+                               for b in vs_base.rows[:3]]}
+        return GateResult(passed=not reasons, summary=summary, comparison=vs_parent, flags=flags, details=details)

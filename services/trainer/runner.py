@@ -27,19 +27,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
-from services.trainer.bootstrap import load_conversations
 from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo
-from services.trainer.gate import evaluate_gate
+from services.trainer.lean_dpo import ReferenceCache
+from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from services.trainer.settings import TrainerSettings
 from services.trainer.trigger import trigger_status
-from shared.engine import GenerationEngine
-from shared.evaluation import EvalPrompt
-from shared.judging.pairwise import PairwiseJudge
-from shared.judging.stats import JudgeStats
-from shared.observability import new_registry
 from shared.outbox import Outbox
-from shared.prompts import DEMO_PROMPTS, build_events
 from shared.registry import ModelRegistry, version_number
 from shared.topics import Topic
 from shared.wire import EvalSummary, ModelUpdatedEvent, PreferenceEvent, RunRecord, TriggerStatus
@@ -74,6 +68,8 @@ class TrainingRunner:
         self._runs_file = self.runs_dir / "runs.jsonl"
         self._lock = threading.Lock()
         self._registry_lock = threading.Lock()  # promotion and rollback move `current` one at a time
+        self.reference_cache = ReferenceCache(self.runs_dir / "reference_logps.sqlite")
+        self.gate = Gate(settings, registry, self.runs_dir)
         if self._runs_file.exists() and self._runs_file.read_bytes()[-1:] not in (b"", b"\n"):
             with open(self._runs_file, "ab") as f:  # a torn last record: later records start a line of their own
                 f.write(b"\n")
@@ -212,18 +208,6 @@ class TrainingRunner:
         return Selection(new=new, replay=replay, stale_ids=stale,
                          heldout=heldout[-self.settings.heldout_pairs:] if self.settings.heldout_pairs else [])
 
-    def eval_prompts(self, heldout: list[PreferenceEvent]) -> list[EvalPrompt]:
-        seen, prompts = set(), []
-        for e in heldout:
-            if e.prompt_id not in seen:
-                seen.add(e.prompt_id)
-                prompts.append(EvalPrompt(e.prompt_messages))
-        if len(prompts) < self.settings.eval_prompts:
-            shipped, _ = build_events(str(DEMO_PROMPTS), eval_fraction=0.2)
-            prompts += [EvalPrompt(e.messages, e.reference_answer) for e in shipped
-                        if e.split == "eval" and e.id not in seen]
-        return prompts[: self.settings.eval_prompts]
-
     def run(self, trigger: str) -> RunRecord:
         s = self.settings
         started = time.monotonic()
@@ -251,7 +235,8 @@ class TrainingRunner:
             parent_path = self.registry.verified_path(parent)
             # TrainerSettings carries the DPO fields under the same names.
             config = DPOJobConfig(**{f.name: getattr(s, f.name) for f in fields(DPOJobConfig) if hasattr(s, f.name)})
-            dpo = run_dpo(parent_path, [to_trl_row(e) for e in train], config, run_dir, parent_meta.base_model)
+            dpo = run_dpo(parent_path, [to_trl_row(e) for e in train], config, run_dir, parent_meta.base_model,
+                          parent=parent, reference_cache=self.reference_cache)
             merged, tok = merge_adapter(parent_path, dpo.adapter_dir)
             meta = self.registry.save(merged, tok, kind="dpo", parent=parent, base_model=parent_meta.base_model,
                                       training_config=dpo.config, snapshot_id=snapshot,
@@ -259,13 +244,8 @@ class TrainingRunner:
                                                "dpo_seconds": dpo.seconds, "run_id": run_id})
             del merged
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
-            judge = PairwiseJudge(s.judge.make_backend(), None, JudgeStats(new_registry()))
-            with GenerationEngine.from_registry(self.registry, meta.version, dtype=s.engine.dtype) as new, \
-                    GenerationEngine.from_registry(self.registry, parent, dtype=s.engine.dtype) as parent_engine:
-                gate = evaluate_gate(new, parent_engine, settings=s, judge=judge, prompts=self.eval_prompts(heldout),
-                                     heldout=heldout,
-                                     reference_set=[c["messages"] for c in load_conversations("heldout", quality="good")],
-                                     history=dpo.history, pairs_trained=len(train))
+            gate = self.gate.evaluate(meta.version, parent, heldout=heldout, history=dpo.history,
+                                      pairs_trained=len(train))
             gate.comparison.write_blinded_csv(run_dir / "blinded_eval.csv")
             self.registry.annotate(meta.version, eval_summary=gate.summary.model_dump(mode="json"),
                                    gate_details=gate.details)

@@ -37,6 +37,7 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     max_pairs_per_run: int = Field(2048, ge=1)
     # DPO (seed 001 defaults; learning_rate unset = 5e-5, or 2e-3 for the tiny offline model)
     beta: float = 0.1
+    sft_weight: float = Field(0.0, ge=0, description="RPO: weight of the chosen answers' NLL added to the DPO loss")
     learning_rate: float | None = None
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -48,13 +49,19 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     quantization: Literal["none", "nf4"] = "none"
     precompute_ref_log_probs: bool = False
+    dpo_implementation: Literal["auto", "prefloop", "trl"] = Field(
+        "auto", description="prefloop's CPU loop (services/trainer/lean_dpo.py) or TRL's DPOTrainer; auto: prefloop "
+                            "on CPU, TRL on CUDA and for QLoRA")
     seed: int = 42
     # gate
-    win_rate_threshold: float = Field(0.55, ge=0, description="promote only at or above this win rate vs parent")
-    eval_prompts: int = Field(40, ge=1, description="held-out prompts both models answer")
+    min_win_ci_lower: float = Field(0.5, ge=-1, le=1, description="promote only when the lower bound of the 95% CI "
+                                    "of the win rate vs the parent is above this (-1: any win rate; 1: never)")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts both models answer (at most 110 ship)")
+    medical_reference_size: int = Field(150, ge=0, description="held-out medical Q/A pairs of the forgetting guard")
+    general_reference_size: int = Field(100, ge=0, description="general Q/A pairs of the second forgetting guard")
     eval_max_new_tokens: int = Field(128, ge=1)
     preference_accuracy_tolerance: float = Field(
-        0.05, ge=0, description="allowed drop of held-out preference accuracy (one pair of ~30 is 0.033: noise)")
+        0.05, ge=0, description="held-out preference accuracy dropping more than this is flagged (not gating)")
     safety_tolerance: float = Field(0.0, ge=0, description="allowed drop of the mean safety score (0 = none)")
     max_perplexity_increase: float = Field(0.05, ge=0, description="forgetting guard on the SFT reference set")
     max_length_drift: float = Field(0.20, ge=0, description="mean answer length change allowed")

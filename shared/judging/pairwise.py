@@ -4,20 +4,19 @@ Every pair is judged as (a, b) and (b, a). The same winner in both orders become
 PreferenceEvent; a tie in either order, or a winner that follows the position, becomes a
 JudgementAbstainedEvent (kept for statistics, never trained on).
 
-More than two candidates (e.g. fresh samples plus a user-rated answer): every unordered pair
-is judged in both orders; a candidate's score is its consistent wins minus its consistent
-losses. If exactly one candidate has the highest score, exactly one the lowest, and the best
-consistently beat the worst, the pair best/worst becomes the preference; otherwise abstain.
+Which two of a prompt's candidates become the pair (best vs worst by rubric score, a minimum
+margin, both-order confirmation; a user's rating fixes a side) is in `selection.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+from collections import defaultdict
 from dataclasses import dataclass
 
 from shared.judging.cache import VerdictCache, verdict_key
 from shared.judging.openai_backend import JudgeFailure
+from shared.judging.selection import scoring_pairs, weighted_mean
 from shared.judging.stats import JudgeStats
 from shared.wire import CandidatesEvent, ChatMessage, JudgementAbstainedEvent, PairVerdict, PreferenceEvent, RubricScores
 
@@ -63,10 +62,11 @@ class PairResult:
 
 
 class PairwiseJudge:
-    def __init__(self, backend, cache: VerdictCache | None, stats: JudgeStats) -> None:
+    def __init__(self, backend, cache: VerdictCache | None, stats: JudgeStats, min_margin: float = 2.0) -> None:
         self.backend = backend
         self.cache = cache
         self.stats = stats
+        self.min_margin = min_margin
 
     async def _verdict(self, conversation: list[ChatMessage], reference: str | None, a: str, b: str) -> PairVerdict:
         key = verdict_key(self.backend.judge_id, conversation, a, b, reference)
@@ -92,40 +92,47 @@ class PairwiseJudge:
             judge_id=self.backend.judge_id, reason=reason, detail=detail))
 
     async def decide(self, event: CandidatesEvent) -> Outcome:
+        """Best vs worst of the candidates (see selection.py), or an abstention saying why not."""
         texts = list(dict.fromkeys(c.text.strip() for c in event.candidates if c.text.strip()))
         if len(texts) < 2:
             return self._abstain(event, "insufficient_candidates",
                                  f"{len(texts)} distinct non-empty answer(s) among {len(event.candidates)}")
+        rated = next(((c.text.strip(), c.user_rating) for c in event.candidates
+                      if c.user_rating is not None and c.text.strip()), None)
+        conversation, reference = event.prompt.messages, event.prompt.reference_answer
         try:
-            pairs = await asyncio.gather(*(self.pair(event.prompt.messages, event.prompt.reference_answer, x, y)
-                                           for x, y in itertools.combinations(texts, 2)))
+            scoring = await asyncio.gather(*(self.pair(conversation, reference, x, y) for x, y in scoring_pairs(texts)))
+            scores: dict[str, list[RubricScores]] = defaultdict(list)
+            for p in scoring:
+                scores[p.first].append(p.scores(p.first))
+                scores[p.second].append(p.scores(p.second))
+            value = {t: weighted_mean(scores[t]) for t in texts}
+            if rated is None:
+                ranked = sorted(texts, key=value.get)
+                chosen, rejected = ranked[-1], ranked[0]
+            else:
+                others = [t for t in texts if t != rated[0]]
+                chosen, rejected = ((max(others, key=value.get), rated[0]) if rated[1] < 0
+                                    else (rated[0], min(others, key=value.get)))
+            confirm = next((p for p in scoring if {p.first, p.second} == {chosen, rejected}), None) \
+                or await self.pair(conversation, reference, chosen, rejected)
         except JudgeFailure as exc:
             self.stats.failures.inc()
             return Outcome(failure=exc, abstention=self._abstain(event, "failure", str(exc)).abstention)
-        if len(pairs) == 1:
-            pair = pairs[0]
-            if pair.kind != "consistent":
-                return self._abstain(event, pair.kind, pair.reasoning()[:2000])
-            best, worst, decisive = pair.winner, pair.second if pair.winner == pair.first else pair.first, pair
-        else:
-            score = dict.fromkeys(texts, 0)
-            for pair in pairs:
-                if pair.winner:
-                    loser = pair.second if pair.winner == pair.first else pair.first
-                    score[pair.winner] += 1
-                    score[loser] -= 1
-            top, bottom = max(score.values()), min(score.values())
-            bests = [t for t in texts if score[t] == top]
-            worsts = [t for t in texts if score[t] == bottom]
-            decisive = next((p for p in pairs if len(bests) == 1 and len(worsts) == 1
-                             and {p.first, p.second} == {bests[0], worsts[0]}), None)
-            if decisive is None or decisive.winner != bests[0]:
-                return self._abstain(event, "tie", f"no unique best/worst among {len(texts)} answers: {sorted(score.values())}")
-            best, worst = bests[0], worsts[0]
+        if rated is None:
+            if confirm.winner != chosen:
+                return self._abstain(event, confirm.kind if confirm.kind != "consistent" else "inconsistent",
+                                     confirm.reasoning()[:2000])
+            if value[chosen] - value[rejected] < self.min_margin:
+                return self._abstain(event, "tie", f"best and worst of {len(texts)} answers differ by "
+                                                   f"{value[chosen] - value[rejected]:.2f} < {self.min_margin}")
+        if rated is not None and confirm.winner == rejected:
+            return self._abstain(event, "conflict", f"the user rated {rated[1]:+d} but the judge prefers the other "
+                                                    f"answer in both orders: {confirm.reasoning()[:1800]}")
         preference = PreferenceEvent(
-            producer="judge", prompt_id=event.prompt_id, prompt_messages=event.prompt.messages, chosen=best,
-            rejected=worst, source="judge", judge_id=self.backend.judge_id, reasoning=decisive.reasoning()[:8000],
-            chosen_scores=decisive.scores(best), rejected_scores=decisive.scores(worst),
-            policy_version=event.policy_version, split=event.prompt.split)
+            producer="judge", prompt_id=event.prompt_id, prompt_messages=conversation, chosen=chosen,
+            rejected=rejected, source="judge" if rated is None else "user", judge_id=self.backend.judge_id,
+            reasoning=confirm.reasoning()[:8000], chosen_scores=confirm.scores(chosen),
+            rejected_scores=confirm.scores(rejected), policy_version=event.policy_version, split=event.prompt.split)
         self.stats.preferences.inc()
         return Outcome(preference=preference)

@@ -43,7 +43,7 @@ def ledger_lines(tmp_path) -> list[str]:
 
 
 def test_preferences_to_promoted_version_and_model_update(kafka, producer, tmp_path, registry_copy, preferences):
-    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=30, win_rate_threshold=0.0,
+    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=30, min_win_ci_lower=-1,
                            max_perplexity_increase=1.0, max_length_drift=1.0, safety_tolerance=10,
                            heldout_pairs=0).start()
     try:
@@ -78,7 +78,7 @@ def test_preferences_to_promoted_version_and_model_update(kafka, producer, tmp_p
 
 
 def test_a_failing_gate_promotes_nothing_and_records_why(kafka, producer, tmp_path, registry_copy, preferences):
-    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=100_000, win_rate_threshold=1.01,
+    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=100_000, min_win_ci_lower=1,
                            max_pairs_per_run=12).start()
     try:
         producer.publish(PREFERENCES.with_prefix(kafka.topic_prefix), preferences)
@@ -142,7 +142,7 @@ def test_killed_mid_training_leaves_no_visible_version_and_resumes(kafka, produc
         slow.kill()
     assert [m.version for m in registry_copy.list()] == ["v0001"] and registry_copy.current() == "v0001"
     # the interrupted run counts as a failure: the resumed trainer backs off (here 1 s) before it trains again
-    resumed = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=20, win_rate_threshold=0.0,
+    resumed = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=20, min_win_ci_lower=-1,
                            max_perplexity_increase=1.0, max_length_drift=1.0, safety_tolerance=10,
                            heldout_pairs=0, failure_backoff_s=1).start()
     try:
@@ -165,7 +165,7 @@ def test_a_promotion_while_the_broker_is_down_is_recorded_and_announced_once_it_
     broker = EmbeddedBroker(log_file=tmp_path / "broker.log").start(topics=all_topics_with_dlq())
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
     producer = EventProducer(kafka, "test")
-    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=100_000, win_rate_threshold=0.0,
+    trainer = trainer_proc(kafka, tmp_path, registry_copy, min_new_pairs=100_000, min_win_ci_lower=-1,
                            max_perplexity_increase=1.0, max_length_drift=1.0, safety_tolerance=10,
                            heldout_pairs=0).start()
     try:

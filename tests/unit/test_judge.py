@@ -69,7 +69,8 @@ def test_verdict_parsing_accepts_fenced_json_and_rejects_bad_shapes():
 
 
 class Scripted:
-    """An in-process backend answering from a table keyed by (A, B)."""
+    """An in-process backend answering from a table keyed by (A, B); the winner scores 8, the loser 4,
+    unless the table carries absolute `points` per answer (as a rubric scores each answer on its own)."""
 
     judge_id = "scripted"
 
@@ -78,12 +79,29 @@ class Scripted:
 
     async def judge(self, conversation, a, b, reference=None):
         self.calls += 1
-        s = RubricScores(correctness=5, clarity=5, safety=5, empathy=5)
-        return PairVerdict(reasoning=f"{a}|{b}", winner=self.table(a, b), scores_a=s, scores_b=s)
+        winner = self.table(a, b)
+
+        def s(n):
+            return RubricScores(correctness=n, clarity=n, safety=n, empathy=n)
+
+        if hasattr(self.table, "points"):
+            return PairVerdict(reasoning=f"{a}|{b}", winner=winner, scores_a=s(self.table.points[a]),
+                               scores_b=s(self.table.points[b]))
+        return PairVerdict(reasoning=f"{a}|{b}", winner=winner, scores_a=s(8 if winner == "A" else 4 if winner == "B"
+                                                                               else 6),
+                           scores_b=s(8 if winner == "B" else 4 if winner == "A" else 6))
 
 
-def pairwise(table):
-    return PairwiseJudge(Scripted(table), None, JudgeStats(new_registry()))
+def pairwise(table, min_margin=2.0):
+    return PairwiseJudge(Scripted(table), None, JudgeStats(new_registry()), min_margin=min_margin)
+
+
+def ranked(rank):
+    def table(a, b):
+        return "tie" if rank[a] == rank[b] else ("A" if rank[a] > rank[b] else "B")
+
+    table.points = {text: 2 * r for text, r in rank.items()}
+    return table
 
 
 def test_both_orders_consistent_becomes_a_preference_and_position_bias_an_abstention():
@@ -104,15 +122,42 @@ def test_fewer_than_two_distinct_answers_abstain():
         assert out.abstention.reason == "insufficient_candidates" and judge.backend.calls == 0
 
 
-def test_more_than_two_candidates_pick_best_versus_worst():
-    rank = {"best": 3, "mid": 2, "worst": 1}
-    judge = pairwise(lambda a, b: "A" if rank[a] > rank[b] else "B")
-    out = run(judge.decide(event("mid", "worst", "best")))
-    assert (out.preference.chosen, out.preference.rejected) == ("best", "worst")
-    assert judge.backend.calls == 6  # 3 pairs x 2 orders
-    cyclic = {("r", "p"): "A", ("p", "s"): "A", ("s", "r"): "A"}
-    out = run(pairwise(lambda a, b: cyclic.get((a, b)) or ("B" if (b, a) in cyclic else "tie")).decide(event("r", "p", "s")))
-    assert out.preference is None and out.abstention.reason == "tie"
+def test_four_candidates_best_versus_worst_in_six_calls():
+    judge = pairwise(ranked({"a": 1, "b": 4, "c": 2, "d": 3}))
+    out = run(judge.decide(event("a", "b", "c", "d")))
+    assert (out.preference.chosen, out.preference.rejected) == ("b", "a")
+    assert judge.backend.calls == 4  # best and worst met in scoring (a-b): no confirmation calls
+    judge = pairwise(ranked({"a": 4, "b": 3, "c": 2, "d": 1}))
+    out = run(judge.decide(event("a", "b", "c", "d")))
+    assert (out.preference.chosen, out.preference.rejected) == ("a", "d")
+    assert judge.backend.calls == 6  # 2 scoring pairs x 2 orders + the confirmation in both orders
+    odd = pairwise(ranked({"x": 1, "y": 2, "z": 3}))
+    assert run(odd.decide(event("x", "y", "z"))).preference.chosen == "z" and odd.backend.calls == 4
+
+
+def test_best_and_worst_closer_than_the_margin_are_no_label():
+    judge = pairwise(ranked({"a": 2, "b": 1}), min_margin=15.0)  # 4 vs 2 per criterion: weighted 20 vs 10
+    out = run(judge.decide(event("a", "b")))
+    assert out.preference is None and out.abstention.reason == "tie" and "< 15.0" in out.abstention.detail
+    assert run(pairwise(ranked({"a": 2, "b": 1}), min_margin=10.0).decide(event("a", "b"))).preference.chosen == "a"
+
+
+def rated_event(texts, rating):
+    served = Candidate(text=texts[0], completion_tokens=3, finish_reason="stop", origin="served", user_rating=rating)
+    fresh = [Candidate(text=t, completion_tokens=3, finish_reason="stop") for t in texts[1:]]
+    return CandidatesEvent(producer="generator", prompt=prompt("I have a headache."), policy_version="v0001",
+                           prompt_tokens=5, candidates=[*fresh, served])
+
+
+def test_a_users_rating_keeps_its_side_unless_the_judge_says_the_opposite():
+    judge = pairwise(ranked({"rated": 1, "fresh1": 3, "fresh2": 2}))
+    down = run(judge.decide(rated_event(["rated", "fresh1", "fresh2"], -1))).preference
+    assert (down.chosen, down.rejected, down.source) == ("fresh1", "rated", "user")
+    up = run(pairwise(ranked({"rated": 3, "fresh1": 1, "fresh2": 2})).decide(rated_event(["rated", "fresh1",
+                                                                                           "fresh2"], 1))).preference
+    assert (up.chosen, up.rejected, up.source) == ("rated", "fresh1", "user")
+    conflict = run(judge.decide(rated_event(["rated", "fresh1", "fresh2"], 1)))
+    assert conflict.preference is None and conflict.abstention.reason == "conflict"
 
 
 def test_verdict_cache_persists_and_drops_the_oldest_past_its_bound(tmp_path):

@@ -1,0 +1,186 @@
+"""prefloop's DPO loop for CPUs: the same objective and hyperparameters as TRL's DPOTrainer
+(sigmoid loss, LoRA via peft, AdamW, cosine schedule with warmup, gradient clipping), shaped for
+a machine without a GPU. Measured on 2 cores (benchmarks/dpo.py), what costs the time there:
+
+- TRL scores every position of every sequence with a chunked log-softmax kernel made for
+  Triton; on a CPU it runs as torch ops over prompt and padding positions too. Here only the
+  completion tokens go through the LM head.
+- The frozen base runs in bf16 where the CPU computes it natively (3-4x the fp32 matmul speed);
+  the LoRA weights, optimizer state and loss stay in fp32.
+- Reference log-probs come from the parent (adapters disabled), once per (parent, pair): they are
+  cached on disk, so replayed pairs never pay for their reference pass again.
+- Batches are grouped by length (less padding). No activation checkpointing: a 135M model's
+  activations fit in memory many times over, and recomputing them would cost a third more time.
+LoRA dropout follows TRL's default `disable_dropout=True`: off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from shared.ids import content_id
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceCache:
+    """Reference log-probs by (parent version, pair id): computed once, reused by every replay."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False)
+        self._db.execute("CREATE TABLE IF NOT EXISTS ref (parent TEXT, pair TEXT, chosen REAL, rejected REAL, "
+                         "PRIMARY KEY (parent, pair))")
+        self._lock = threading.Lock()
+
+    def get(self, parent: str, pairs: list[str]) -> dict[str, tuple[float, float]]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT pair, chosen, rejected FROM ref WHERE parent = ? AND pair IN "
+                                    f"({','.join('?' * len(pairs))})", (parent, *pairs)).fetchall() if pairs else []
+        return {p: (c, r) for p, c, r in rows}
+
+    def put(self, parent: str, values: dict[str, tuple[float, float]]) -> None:
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO ref VALUES (?, ?, ?, ?)",
+                                 [(parent, p, c, r) for p, (c, r) in values.items()])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass
+class Encoded:
+    pair_id: str
+    chosen: list[int]
+    rejected: list[int]
+    prompt_len: int
+
+
+def encode(tokenizer, row: dict, max_length: int) -> Encoded:
+    """Prompt + answer ids for both sides; the prompt is cut from the left if the pair is too long."""
+    prompt = list(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False))
+    sides = []
+    for side in ("chosen", "rejected"):
+        full = list(tokenizer.apply_chat_template(row["prompt"] + row[side], return_dict=False))
+        sides.append(full[len(prompt):])
+    budget = max(8, max_length - max(len(s) for s in sides))
+    prompt = prompt[-budget:]
+    chosen, rejected = (prompt + s[:max_length - len(prompt)] for s in sides)
+    pair_id = row.get("pair_id") or content_id("row", {k: row[k] for k in ("prompt", "chosen", "rejected")})
+    return Encoded(pair_id, chosen, rejected, len(prompt))
+
+
+def sequence_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, autocast: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each sequence's tokens after its prompt (only those reach the LM head),
+    and how many tokens each sum has."""
+    width = max(len(s) for s, _ in sequences)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s, _ in sequences])
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in sequences])
+    scored = torch.zeros(len(sequences), width - 1, dtype=torch.bool)
+    for i, (s, prompt_len) in enumerate(sequences):
+        scored[i, prompt_len - 1:len(s) - 1] = True  # position t predicts token t + 1
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden = inner.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+        logits = inner.lm_head(hidden[scored]).float()
+    targets = ids[:, 1:][scored]
+    token_logps = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    counts = scored.sum(1)
+    owner = torch.repeat_interleave(torch.arange(len(sequences)), counts)
+    return torch.zeros(len(sequences), dtype=token_logps.dtype).index_add(0, owner, token_logps), counts
+
+
+def length_grouped(items: list[Encoded], batch: int, seed: int) -> list[list[Encoded]]:
+    """Batches of similar length in a shuffled order (the order of batches is random, not their content)."""
+    ordered = sorted(items, key=lambda e: max(len(e.chosen), len(e.rejected)))
+    batches = [ordered[i:i + batch] for i in range(0, len(ordered), batch)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate: float, parent: str,
+                   cache: ReferenceCache | None, on_log) -> tuple[object, list[dict], int]:
+    """Train a LoRA adapter on `model` (its base frozen) with the DPO loss; returns (peft model,
+    history, steps). `config` is a DPOJobConfig; `on_log(row)` gets every logged row."""
+    torch.manual_seed(config.seed)
+    autocast = next(model.parameters()).dtype == torch.bfloat16
+    model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                             target_modules=config.lora_target_modules, bias="none",
+                                             task_type="CAUSAL_LM"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = [encode(tokenizer, r, config.max_length) for r in rows]
+    references = reference_logps(model, data, pad, autocast, parent, cache)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+    batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    epochs = max(1, math.ceil(config.num_train_epochs))
+    plan = [b for epoch in range(epochs) for b in length_grouped(data, batch, config.seed + epoch)]
+    if config.num_train_epochs < epochs:
+        plan = plan[:max(1, round(len(plan) * config.num_train_epochs / epochs))]
+    if config.max_steps > 0:
+        plan = plan[:config.max_steps]
+    warmup = math.ceil(config.warmup_ratio * len(plan))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup
+                                                 else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
+                                                                          max(1, len(plan) - warmup))))
+    model.train()
+    history: list[dict] = []
+    for step, items in enumerate(plan, 1):
+        logps, counts = sequence_logps(model, [(s, e.prompt_len) for e in items for s in (e.chosen, e.rejected)],
+                                       pad, autocast)
+        logps, counts = logps.view(-1, 2), counts.view(-1, 2)
+        ref = torch.tensor([references[e.pair_id] for e in items])
+        chosen_rewards = config.beta * (logps[:, 0] - ref[:, 0])
+        rejected_rewards = config.beta * (logps[:, 1] - ref[:, 1])
+        loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+        if config.sft_weight:  # RPO: keep the chosen answers likely (limits drift from the parent)
+            loss = loss + config.sft_weight * (-logps[:, 0] / counts[:, 0].clamp(min=1)).mean()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.logging_steps == 0 or step == len(plan):
+            row = {"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(grad_norm), 5),
+                   "learning_rate": schedule.get_last_lr()[0],
+                   "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                   "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                   "logps/chosen": logps[:, 0].mean().item(), "logps/rejected": logps[:, 1].mean().item(),
+                   "epoch": round(step / max(1, len(plan)) * config.num_train_epochs, 3)}
+            history.append(row)
+            on_log(row)
+    return model, history, len(plan)
+
+
+@torch.no_grad()
+def reference_logps(model, data: list[Encoded], pad: int, autocast: bool, parent: str,
+                    cache: ReferenceCache | None) -> dict[str, tuple[float, float]]:
+    """The parent's log-probs of both sides of every pair: from the cache, or computed (adapters off)."""
+    known = cache.get(parent, [e.pair_id for e in data]) if cache else {}
+    missing = [e for e in data if e.pair_id not in known]
+    started = time.monotonic()
+    model.eval()
+    with model.disable_adapter():
+        for batch in [missing[i:i + 8] for i in range(0, len(missing), 8)]:
+            logps = sequence_logps(model, [(s, e.prompt_len) for e in batch for s in (e.chosen, e.rejected)], pad,
+                                   autocast)[0].view(-1, 2)
+            fresh = {e.pair_id: (float(c), float(r)) for e, (c, r) in zip(batch, logps.tolist())}
+            known.update(fresh)
+            if cache:
+                cache.put(parent, fresh)
+    log.info("reference log-probs: %d cached, %d computed in %.1fs", len(data) - len(missing), len(missing),
+             time.monotonic() - started)
+    return known

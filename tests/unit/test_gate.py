@@ -1,0 +1,54 @@
+"""The promotion decision without models: the CI rule, safety, both forgetting guards, length."""
+
+import pytest
+
+from services.trainer.gate import Gate
+from services.trainer.settings import TrainerSettings
+from shared.evaluation import Comparison
+from shared.registry import ModelRegistry
+
+
+def comparison(new: str, old: str, wins: int, losses: int, ties: int = 0, safety=(7.0, 7.0), tokens=(60.0, 60.0)):
+    return Comparison(candidate=new, baseline=old, prompts=wins + losses + ties, wins=wins, losses=losses,
+                      abstentions=ties, rubric={new: {"safety": safety[0]}, old: {"safety": safety[1]}},
+                      mean_tokens={new: tokens[0], old: tokens[1]})
+
+
+@pytest.fixture
+def gate(tmp_path):
+    return Gate(TrainerSettings(runs_dir=str(tmp_path / "runs"), general_reference_size=0, medical_reference_size=0),
+                ModelRegistry(tmp_path / "registry"), tmp_path / "runs")
+
+
+def decide(gate, vs_parent, ppl=None, vs_base=None):
+    return gate._decide(vs_parent, vs_base or comparison("v2", "v0", 1, 0), ppl or {}, None, [], 10)
+
+
+def test_promotes_only_when_the_ci_lower_bound_is_above_one_half(gate):
+    # 36 of 60 decided is a 0.6 win rate, but its 95% CI starts below 0.5: not enough evidence
+    marginal = decide(gate, comparison("v2", "v1", 36, 24))
+    assert not marginal.passed and "not above 0.5" in marginal.summary.gate_reasons[0]
+    clear = decide(gate, comparison("v2", "v1", 45, 15, ties=4))
+    assert clear.passed, clear.summary.gate_reasons
+    assert clear.summary.win_rate_vs_parent == 0.75 and clear.summary.win_rate_ci95[0] > 0.5
+    assert clear.summary.abstain_rate == round(4 / 64, 4)
+
+
+def test_a_safety_drop_or_forgetting_or_length_drift_blocks_a_clear_winner(gate):
+    winner = dict(wins=45, losses=15)
+    less_safe = decide(gate, comparison("v2", "v1", **winner, safety=(6.9, 7.0)))
+    assert [r for r in less_safe.summary.gate_reasons if "safety dropped" in r]
+    forgot = decide(gate, comparison("v2", "v1", **winner), ppl={"medical": (10.4, 10.0), "general": (21.2, 20.0)})
+    assert not forgot.passed
+    assert [r.split(":")[0] for r in forgot.summary.gate_reasons] == ["forgetting guard (general)"]
+    assert forgot.summary.perplexity_change == 0.04 and forgot.summary.general_perplexity_change == 0.06
+    longer = decide(gate, comparison("v2", "v1", **winner, tokens=(80.0, 60.0)))
+    assert not longer.passed and "length guard" in longer.summary.gate_reasons[0]
+
+
+def test_the_report_carries_the_comparison_with_the_base(gate):
+    result = decide(gate, comparison("v3", "v2", 45, 15), vs_base=comparison("v3", "v1", 50, 10, safety=(7.5, 6.5)))
+    s = result.summary
+    assert s.base_version == "v1" and s.win_rate_vs_base == round(50 / 60, 4) and s.base_safety_mean == 6.5
+    assert s.win_rate_vs_base_ci95[0] > 0.7
+    assert result.details["vs_base"] == {"wins": 50, "losses": 10, "abstentions": 0}
