@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.trainer.bootstrap import bootstrap_base, load_conversations  # noqa: E402
+from services.trainer.bootstrap import bootstrap_base  # noqa: E402
 from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo  # noqa: E402
 from services.trainer.sft import ALL_PROJECTIONS  # noqa: E402
-from shared.alignment_data import general_conversations, health_prompts  # noqa: E402
+from shared.alignment_data import general_conversations, health_prompts, medical_conversations  # noqa: E402
 from shared.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from shared.evaluation import AnswerCache, EvalPrompt, compare, perplexity  # noqa: E402
 from shared.judging.pairwise import PairwiseJudge  # noqa: E402
@@ -85,8 +85,7 @@ def main() -> None:
         pairs_file.write_text(json.dumps(rows))
     rows = json.loads(pairs_file.read_text())
     held = [EvalPrompt(p.messages) for p in health_prompts("eval")[: args.eval]]
-    medical = [c["messages"] for c in load_conversations("heldout", quality="good")]
-    general = general_conversations()
+    medical, general = medical_conversations(), general_conversations(100)  # the gate's two forgetting sets
     print(f"{len(rows)} pairs from {args.prompts} prompts x {args.n}; {len(held)} held-out prompts", flush=True)
 
     judge = PairwiseJudge(RubricJudge(), None, JudgeStats(new_registry()))

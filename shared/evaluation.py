@@ -197,12 +197,33 @@ def _answer_logps(model, tokenizer, conversation: list[dict], answer: str) -> tu
     return float(logps[-n_answer:].sum()), n_answer
 
 
-def perplexity(engine: GenerationEngine, conversations: list[list[dict]]) -> float:
-    """Perplexity of the assistant turns (last message of each conversation) given their prompts."""
-    total, count = 0.0, 0
+def perplexity(engine: GenerationEngine, conversations: list[list[dict]], batch_size: int = 8) -> float:
+    """Perplexity of the assistant turns (last message of each conversation) given their prompts,
+    in length-sorted, right-padded batches (a causal model's earlier positions ignore the padding)."""
+    model, tokenizer = engine.model, engine.tokenizer
+    limit = int(getattr(model.config, "max_position_embeddings", 2048))
+    rows = []
     for conv in conversations:
-        lp, n = _answer_logps(engine.model, engine.tokenizer, conv[:-1], conv[-1]["content"])
-        total, count = total + lp, count + n
+        prompt_ids = list(tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
+        full_ids = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))[-limit:]
+        rows.append((full_ids, min(max(1, len(full_ids) - len(prompt_ids)), len(full_ids) - 1)))
+    rows.sort(key=lambda r: len(r[0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=model.device)
+        mask = torch.tensor([[1] * len(ids_) + [0] * (width - len(ids_)) for ids_, _ in chunk], device=model.device)
+        with torch.inference_mode():
+            logits = model(ids, attention_mask=mask).logits
+        for row, (row_ids, n_answer) in enumerate(chunk):
+            end = len(row_ids) - 1  # logits at position t predict token t + 1
+            answer_logits = logits[row, end - n_answer:end].float()
+            targets = ids[row, end - n_answer + 1:end + 1]
+            total += float(torch.log_softmax(answer_logits, -1).gather(1, targets[:, None]).sum())
+            count += n_answer
     return math.exp(-total / max(1, count))
 
 

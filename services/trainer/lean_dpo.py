@@ -78,7 +78,8 @@ def encode(tokenizer, row: dict, max_length: int) -> Encoded:
     prompt = prompt[-budget:]
     chosen, rejected = (prompt + s[:max_length - len(prompt)] for s in sides)
     pair_id = row.get("pair_id") or content_id("row", {k: row[k] for k in ("prompt", "chosen", "rejected")})
-    return Encoded(pair_id, chosen, rejected, len(prompt))
+    # the cache key carries the truncation: the same pair cut at another max_length has other log-probs
+    return Encoded(f"{pair_id}@{max_length}", chosen, rejected, len(prompt))
 
 
 def sequence_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, autocast: bool

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from datasets import load_dataset
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
@@ -48,3 +48,41 @@ def test_an_exported_snapshot_loads_with_datasets_and_trains_with_trl_unchanged(
                                                 task_type="CAUSAL_LM"))
     trainer.train()
     assert trainer.state.global_step == 2 and any("rewards/accuracies" in h for h in trainer.state.log_history)
+
+
+def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references(tiny_registry, preferences, tmp_path):
+    """The CPU loop's first step sees policy == reference (loss ln 2, zero margins): the cached
+    reference log-probs are the parent's own, scored on completion tokens only. A replay reads
+    them from the cache instead of recomputing."""
+    from services.trainer.lean_dpo import ReferenceCache, encode, reference_logps, sequence_logps
+    from shared.evaluation import _answer_logps
+
+    parent = ModelRegistry(tiny_registry).verified_path("v0001")
+    rows = [to_trl_row(p) for p in preferences[:12]]
+    cache = ReferenceCache(tmp_path / "refs.sqlite")
+    config = DPOJobConfig(dpo_implementation="prefloop", learning_rate=2e-3, num_train_epochs=3,
+                          per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=256)
+    result = run_dpo(parent, rows, config, tmp_path / "run", parent="v0001", reference_cache=cache)
+    first, last = result.history[0], result.history[-1]
+    assert result.steps == 9 and result.config["implementation"] == "prefloop"
+    assert abs(first["loss"] - 0.6931) < 2e-3 and abs(first["rewards/margins"]) < 1e-2
+    assert last["loss"] < first["loss"] and last["rewards/margins"] > 0.05
+
+    model, tok = AutoModelForCausalLM.from_pretrained(str(parent)), AutoTokenizer.from_pretrained(str(parent))
+    encoded = [encode(tok, r, 256) for r in rows[:3]]
+    cached = cache.get("v0001", [e.pair_id for e in encoded])
+    assert len(cached) == 3  # every pair's reference is on disk, keyed by (parent, pair, max_length)
+    lp, _ = _answer_logps(model, tok, rows[0]["prompt"], rows[0]["chosen"][0]["content"])
+    assert abs(cached[encoded[0].pair_id][0] - lp) < 1e-2 * abs(lp)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():  # the loop's references may come from a bf16 base: equal to a fraction of a percent
+        fresh = float(sequence_logps(model, [(encoded[1].chosen, encoded[1].prompt_len)], pad, False)[0][0])
+    assert abs(fresh - cached[encoded[1].pair_id][0]) < 1e-2 * abs(fresh)
+
+    cache.put("v0001", {encoded[0].pair_id: (-1.0, -2.0)})  # a replay must read this, not recompute it
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    refs = reference_logps(peft_model, encoded, pad, False, "v0001", cache)
+    assert refs[encoded[0].pair_id] == (-1.0, -2.0) and refs[encoded[1].pair_id] == cached[encoded[1].pair_id]
+    other_parent = reference_logps(peft_model, encoded[:1], pad, False, "v0002", cache)
+    assert other_parent[encoded[0].pair_id] != (-1.0, -2.0)  # another parent's references are its own
