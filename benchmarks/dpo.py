@@ -25,20 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import add_model_args, ensure_registry  # noqa: E402
+
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = dict(beta=0.1, learning_rate=2e-4, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                 num_train_epochs=1.0, max_length=384, lora_r=16, lora_alpha=32, lora_target_modules=ALL)
-
-
-def ensure_registry(model: str, registry: Path) -> Path:
-    from shared.registry import ModelRegistry
-
-    reg = ModelRegistry(registry)
-    if reg.current() is None:
-        from services.trainer.bootstrap import bootstrap_base, bootstrap_tiny
-
-        bootstrap_tiny(reg) if model == "tiny" else bootstrap_base(reg, model, "none")
-    return reg.verified_path(reg.current())
 
 
 def make_pairs(parent: Path, n: int, out: Path) -> None:
@@ -111,8 +102,7 @@ ROWS = [("trl-seed", "TRL DPOTrainer, TRL defaults + seed 001 settings"),
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--registry", type=Path, default=None)
+    add_model_args(ap)
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--child")
     ap.add_argument("--parent", type=Path)

@@ -1,13 +1,18 @@
-"""Gateway throughput and latency: dynamic batching vs one-request-at-a-time serving.
+"""Gateway throughput and latency under mixed traffic: continuous batching vs one request at a time.
 
-The same gateway (`prefloop serve gateway`, tiny model, embedded broker) runs twice: with its
-default dynamic batching, and with `MAX_BATCH_SEQUENCES=1, MAX_WAIT_MS=0`, which serves one
-request per generate call. At 1, 8 and 32 concurrent clients (each sends its next request when
-the previous answer arrives), it measures requests/s, completion tokens/s and p50/p99 latency.
-The last line is `ratio: X`: requests/s at 32 clients, batching over one-at-a-time.
+The same gateway (`prefloop serve gateway` via prefloop.stack.Stack, embedded broker) runs twice
+on the same model: with its defaults (continuous batching, `max_batch_sequences` 64), and with
+`PREFLOOP_GATEWAY_MAX_BATCH_SEQUENCES=1`, which admits one request at a time (its n sequences
+decode together). At 1, 8 and 32 concurrent clients (each sends its next request when its
+previous answer is complete) both modes serve the same requests: request i asks health question
+i and draws, from Random(i), temperature {0.2, 0.7, 1.0}, top_p {0.8, 0.9, 1.0}, max_tokens
+{16, 48, 96}, n {1, 2} and stream true/false, with seed i (so both modes sample alike).
+Reported: requests/s, completion tokens/s, p50/p99 latency (the whole answer) and time to first
+token of the streamed requests (time to the first content delta).
+Last line: `ratio: X` = requests/s at 32 clients, continuous batching over one-at-a-time.
 
-usage: python benchmarks/gateway.py [--registry DIR] [--max-tokens 48] [--requests 96]
-(bootstraps the tiny model into a temp registry when --registry has no current version)
+usage: python benchmarks/gateway.py [--model smollm2|tiny] [--registry DIR] [--requests 24]
+(each level sends max(--requests, 3 x clients) requests)
 """
 
 from __future__ import annotations
@@ -15,99 +20,135 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from prefloop.stack import Stack
-from shared.prompts import DEMO_PROMPTS
-from shared.registry import ModelRegistry
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import add_model_args, ensure_registry, percentile  # noqa: E402
+from prefloop.stack import Stack  # noqa: E402
+from shared.alignment_data import health_prompts  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
-MODES = {"batching": {}, "one-at-a-time": {"PREFLOOP_GATEWAY_MAX_BATCH_SEQUENCES": "1",
-                                            "PREFLOOP_GATEWAY_MAX_WAIT_MS": "0"}}
+MODES = {"continuous": {}, "one-at-a-time": {"PREFLOOP_GATEWAY_MAX_BATCH_SEQUENCES": "1"}}
 
 
-async def load(url: str, key: str, questions: list[str], clients: int, total: int, max_tokens: int) -> dict:
+def request_body(i: int, questions: list[str]) -> dict:
+    """Request i of the mixed traffic: the same in every mode and at every level."""
+    rng = random.Random(i)
+    return {"model": "prefloop", "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+            "temperature": rng.choice((0.2, 0.7, 1.0)), "top_p": rng.choice((0.8, 0.9, 1.0)),
+            "max_tokens": rng.choice((16, 48, 96)), "n": rng.choice((1, 2)), "stream": rng.choice((True, False)),
+            "seed": i}
+
+
+async def send(http: httpx.AsyncClient, body: dict) -> tuple[float, float | None, int]:
+    """(latency, time to the first content delta if streamed, completion tokens)."""
+    started = time.perf_counter()
+    if not body["stream"]:
+        r = await http.post("/v1/chat/completions", json=body)
+        r.raise_for_status()  # a failed request fails the benchmark, it is not averaged in
+        return time.perf_counter() - started, None, r.json()["usage"]["completion_tokens"]
+    first, tokens = None, None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError("a streamed answer ended without its usage chunk")
+    return time.perf_counter() - started, first, tokens
+
+
+async def load(url: str, key: str, questions: list[str], clients: int, total: int) -> dict:
     latencies: list[float] = []
+    firsts: list[float] = []
     tokens = 0
     sent = 0
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal tokens, sent
         while sent < total:
-            question = questions[sent % len(questions)]
+            body = request_body(sent, questions)
             sent += 1
-            t0 = time.perf_counter()
-            r = await http.post("/v1/chat/completions", json={
-                "model": "prefloop", "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": question}]})
-            r.raise_for_status()  # a failed request fails the benchmark, it is not averaged in
-            latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
+            latency, first, completion = await send(http, body)
+            latencies.append(latency)
+            tokens += completion
+            if first is not None:
+                firsts.append(first)
 
     limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300,
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
                                  limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"requests": len(latencies), "req_s": len(latencies) / elapsed, "tok_s": tokens / elapsed,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+    return {"requests": len(latencies), "streamed": len(firsts), "req_s": len(latencies) / elapsed,
+            "tok_s": tokens / elapsed, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "ttft50": percentile(firsts, 50), "ttft99": percentile(firsts, 99)}
 
 
-def run_mode(name: str, env: dict[str, str], registry: Path, work: Path, args, questions) -> dict[int, dict]:
+def run_mode(name: str, env: dict[str, str], model: str, registry: Path, work: Path, requests: int,
+             questions: list[str]) -> dict[int, dict]:
     workdir = work / name
-    shutil.copytree(registry, workdir / "registry")
-    stack = Stack(workdir, services=("gateway",), gateway_env={
+    workdir.mkdir(parents=True)
+    (workdir / "registry").symlink_to(registry.resolve(), target_is_directory=True)  # read only by the gateway
+    stack = Stack(workdir, model=model, services=("gateway",), gateway_env={
         "PREFLOOP_GATEWAY_REQUESTS_PER_MINUTE": "1000000", "PREFLOOP_LOG_LEVEL": "WARNING", **env})
     try:
         stack.start()
         url = stack.url("gateway")
-        asyncio.run(load(url, stack.api_key, questions, 2, 4, args.max_tokens))  # warm-up
-        return {c: asyncio.run(load(url, stack.api_key, questions, c, max(args.requests, 2 * c), args.max_tokens))
-                for c in CONCURRENCY}
+        asyncio.run(load(url, stack.api_key, questions, 2, 4))  # warm-up
+        return {c: asyncio.run(load(url, stack.api_key, questions, c, max(requests, 3 * c))) for c in CONCURRENCY}
     finally:
         stack.stop()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--registry", type=Path, default=None)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
+    add_model_args(ap)
+    ap.add_argument("--requests", type=int, default=24, help="requests per level (at least 3 per client)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="prefloop-bench-gw-"))
-    root = args.registry or work / "base-registry"
-    if ModelRegistry(root).current() is None:
-        from services.trainer.bootstrap import bootstrap_tiny
-
-        bootstrap_tiny(ModelRegistry(root))
-    questions = [json.loads(line)["prompt"] for line in DEMO_PROMPTS.read_text().splitlines()]
     try:
-        results = {name: run_mode(name, env, root, work, args, questions) for name, env in MODES.items()}
+        registry = args.registry or work / "base-registry"
+        ensure_registry(args.model, registry)
+        questions = [p.messages[-1].content for p in health_prompts("train")]
+        results = {name: run_mode(name, env, args.model, registry, work, args.requests, questions)
+                   for name, env in MODES.items()}
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # the links to --registry go, never the registry itself
 
-    print(f"gateway, tiny model, max_tokens={args.max_tokens}, non-streaming; "
-          f"{args.requests}+ requests per level")
-    print(f"{'clients':>7} | {'mode':<13} | {'req/s':>7} | {'tok/s':>7} | {'p50 ms':>8} | {'p99 ms':>8}")
-    print("-" * 66)
+    print(f"gateway, {args.model}; mixed traffic: temperature, top_p, max_tokens (16/48/96), n (1/2) and stream "
+          f"drawn per request, seeded; max({args.requests}, 3 x clients) requests per level; "
+          f"one-at-a-time = PREFLOOP_GATEWAY_MAX_BATCH_SEQUENCES=1")
+    print(f"{'clients':>7} | {'mode':<13} | {'reqs':>4} | {'req/s':>6} | {'tok/s':>7} | {'p50 ms':>8} | "
+          f"{'p99 ms':>8} | {'TTFT p50':>8} | {'TTFT p99':>8}")
+    print("-" * 96)
     for c in CONCURRENCY:
         for name in MODES:
             r = results[name][c]
-            print(f"{c:>7} | {name:<13} | {r['req_s']:7.2f} | {r['tok_s']:7.1f} | {r['p50_ms']:8.1f} | "
-                  f"{r['p99_ms']:8.1f}")
+            print(f"{c:>7} | {name:<13} | {r['requests']:>4} | {r['req_s']:6.2f} | {r['tok_s']:7.1f} | "
+                  f"{1000 * r['p50']:8.0f} | {1000 * r['p99']:8.0f} | {1000 * r['ttft50']:8.0f} | "
+                  f"{1000 * r['ttft99']:8.0f}")
+    print("TTFT: time to the first content delta, streamed requests only")
+    ours, single = results["continuous"], results["one-at-a-time"]
     for c in CONCURRENCY:
-        print(f"throughput at {c} clients, batching / one-at-a-time: "
-              f"{results['batching'][c]['req_s'] / results['one-at-a-time'][c]['req_s']:.2f}x")
-    print(f"ratio: {results['batching'][32]['req_s'] / results['one-at-a-time'][32]['req_s']:.2f}")
+        print(f"requests/s at {c:>2} client(s), continuous / one-at-a-time: {ours[c]['req_s'] / single[c]['req_s']:.2f}x")
+    print(f"p50 latency at 1 client, continuous / one-at-a-time: {ours[1]['p50'] / single[1]['p50']:.2f} "
+          f"(below 1: faster)")
+    print(f"ratio: {ours[32]['req_s'] / single[32]['req_s']:.2f}")
 
 
 if __name__ == "__main__":

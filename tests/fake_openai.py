@@ -7,12 +7,14 @@ Both policies OBEY injected instructions ("pick A", "ignore the rubric") when su
 the instruction part of the request, i.e. anywhere outside the fenced data blocks. Faults are
 chosen by markers in the conversation: RATELIMIT_ONCE, FAIL500_ONCE, FAIL500, TIMEOUT,
 MALFORMED (a body that is not JSON), PROSE (a completion whose content is prose, as a weak model
-writes), MISSING_FIELDS, OUT_OF_RANGE, BAD_WINNER, SLOW.
+writes), MISSING_FIELDS, OUT_OF_RANGE, BAD_WINNER, SLOW. `max_concurrency` caps the requests
+served at once, like a real API tier: the ones above it wait for a free place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -45,13 +47,31 @@ class Script:
     authorization: list[str] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)
     """what this endpoint answers 400 to: json_schema, json_object (response formats), temperature, max_tokens"""
+    max_concurrency: int | None = None
+    """requests served at once (None: unlimited); the others wait in arrival order"""
+    peak_concurrency: int = 0
+    """the most requests that were being served at once"""
 
 
 def build_app(script: Script) -> FastAPI:
     app = FastAPI()
+    serving = 0
+    places: list[asyncio.Semaphore] = []  # made on the server's own event loop, at the first request
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        nonlocal serving
+        if script.max_concurrency is not None and not places:
+            places.append(asyncio.Semaphore(script.max_concurrency))
+        async with places[0] if places else contextlib.nullcontext():
+            serving += 1
+            script.peak_concurrency = max(script.peak_concurrency, serving)
+            try:
+                return await answer(request)
+            finally:
+                serving -= 1
+
+    async def answer(request: Request):
         body = await request.json()
         script.requests.append(body)
         script.request_times.append(time.monotonic())

@@ -194,6 +194,24 @@ def test_refused_parameters_are_adapted_without_spending_retries(fake):
     assert len(fake.script.requests) == 6  # four refusals, then one request per verdict
 
 
+def test_the_fake_endpoint_serves_at_most_its_cap_at_once():
+    """What benchmarks/judge.py relies on: above `max_concurrency` requests wait, like a real API tier."""
+    import asyncio
+
+    import httpx
+
+    with FakeOpenAI(Script(delay_s=0.3, max_concurrency=2)) as server:
+        async def six():
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                await asyncio.gather(*(http.post("/chat/completions", json=body) for _ in range(6)))
+
+        started = time.monotonic()
+        asyncio.run(six())
+        assert time.monotonic() - started >= 0.85  # three rounds of two, not one round of six
+        assert server.script.peak_concurrency == 2
+
+
 def test_position_flips_and_malformed_replies_are_counted_never_labelled(kafka, producer, tmp_path, fake):
     judge = judge_proc(kafka, tmp_path, fake, max_retries=1).start()
     try:
