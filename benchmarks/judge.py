@@ -55,7 +55,8 @@ DISMISSIVE = ["That's nothing to worry about, it will go away on its own.",
 
 def candidate_events(n: int) -> list[CandidatesEvent]:
     """Health questions with their careful reference answer and a dismissive one (order alternating);
-    every event distinct, so the judge's verdict cache never answers for the endpoint."""
+    every prompt distinct (outcomes are matched by prompt id, and the judge's verdict cache must
+    never answer for the endpoint)."""
     rows = [json.loads(line) for line in MEDICAL_QA.read_text().splitlines() if line.strip()]
     if n > len(rows) * len(DISMISSIVE):
         raise SystemExit(f"at most {len(rows) * len(DISMISSIVE)} distinct pairs")
@@ -63,7 +64,8 @@ def candidate_events(n: int) -> list[CandidatesEvent]:
     for i in range(n):
         row, bad = rows[i % len(rows)], DISMISSIVE[i // len(rows)]
         prompt = PromptEvent(producer="cli", messages=[ChatMessage(role="system", content=SYSTEM_PROMPT),
-                                                         ChatMessage(role="user", content=row["question"])])
+                                                         ChatMessage(role="user", content=f"{row['question']} "
+                                                                     f"(asked by reader {i})")])
         answers = [Candidate(text=row["answer"], completion_tokens=len(row["answer"]) // 4, finish_reason="stop"),
                    Candidate(text=bad, completion_tokens=len(bad) // 4, finish_reason="stop")]
         events.append(CandidatesEvent(producer="generator", prompt=prompt, policy_version="v0001", prompt_tokens=60,
