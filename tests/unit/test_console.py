@@ -145,6 +145,14 @@ def test_pairs_filter_pages_export_and_judge_health(tmp_path, store):
     assert queries.pairs(PairFilter(source="human", split="eval"), 0, 10).total == 1
     rows = [json.loads(line) for line in queries.export_jsonl(PairFilter(source="judge"))]
     assert len(rows) == 5 and rows[0]["chosen"][0]["role"] == "assistant" and rows[0]["prompt"][0]["role"] == "user"
+    exported = tmp_path / "pairs.jsonl"
+    exported.write_text("".join(queries.export_jsonl(PairFilter())))
+    import datasets
+
+    loaded = datasets.load_dataset("json", data_files=str(exported), split="train")
+    assert len(loaded) == 6 and {"prompt", "chosen", "rejected"} <= set(loaded.column_names)
+    parquet = queries.export_parquet(PairFilter(source="judge"), tmp_path / "pairs.parquet")
+    assert datasets.Dataset.from_parquet(str(parquet))[0]["chosen"] == rows[0]["chosen"]
 
     health = queries.judge_health(3600)
     total = health.total
