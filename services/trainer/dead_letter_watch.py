@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from datetime import datetime
 
 from kafka import KafkaConsumer, TopicPartition
@@ -27,10 +26,6 @@ class DeadLetterWatch:
         self._lock = threading.Lock()
         self._seen: list[tuple[datetime, str]] = []
         """(dead-lettered at, `original topic: error kind`) per record"""
-
-    def counts(self, since: datetime | None = None) -> Counter[str]:
-        with self._lock:
-            return Counter(k for at, k in self._seen if since is None or at >= since)
 
     def records(self) -> list[tuple[datetime, str]]:
         with self._lock:

@@ -54,6 +54,7 @@ class ReviewStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._outbox, self._preferences = outbox, preferences
         self._lock = threading.Lock()
+        self._deciding = threading.Lock()  # one decision at a time: check, queue and record together
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -98,6 +99,10 @@ class ReviewStore:
         return ReviewQueue(reviewer=reviewer, pending=pending, items=items)
 
     def decide(self, request: ReviewDecisionRequest) -> ReviewDecision:
+        with self._deciding:
+            return self._decide(request)
+
+    def _decide(self, request: ReviewDecisionRequest) -> ReviewDecision:
         item = self._item(request.item_id)
         decision_id = content_id("rev", {"item_id": item.id, "reviewer": request.reviewer})
         with self._lock:

@@ -30,6 +30,18 @@ def abstention(n: int) -> JudgementAbstainedEvent:
         answers=[f"Rest it, keep it raised and see a doctor if it gets worse ({n}).", f"Ignore it ({n})."])
 
 
+def unique_text(preferences):
+    """A pair and a piece of its chosen answer that no other pair's texts contain (the tiny model repeats itself)."""
+    def text(p):
+        return "\n".join([*(m.content for m in p.prompt_messages), p.chosen, p.rejected]).lower()
+    for p in preferences:
+        for start in range(0, max(1, len(p.chosen) - 24), 8):
+            needle = p.chosen[start:start + 24].strip()
+            if len(needle) >= 12 and sum(needle.lower() in text(q) for q in preferences) == 1:
+                return p, needle
+    raise AssertionError("no pair has a unique piece of text")
+
+
 @pytest.fixture
 def trainer(kafka, tmp_path, tiny_registry):
     shutil.copytree(tiny_registry, tmp_path / "registry")
@@ -82,12 +94,12 @@ def test_console_shows_versions_finds_pairs_and_settles_the_review_queue(page, t
     expect(page.locator("tr.version[data-version='v0001']")).to_contain_text("promoted")
 
     page.click("nav button[data-tab='pairs']")
-    wanted = next(p for p in preferences if p.split == "train")
-    needle = wanted.chosen.strip()[:40]
+    wanted, needle = unique_text(preferences)
     page.fill("#pair-q", needle)
     page.click("#pair-search")
-    expect(page.locator("#pairs .pair").first).to_contain_text(wanted.id, timeout=30_000)
-    expect(page.locator("#pairs .pair .chosen").first).to_contain_text(needle)
+    expect(page.locator("#pair-count")).to_contain_text("1 pairs match", timeout=30_000)
+    expect(page.locator("#pairs .pair")).to_contain_text(wanted.id)
+    expect(page.locator("#pairs .pair .chosen")).to_contain_text(needle)
 
     page.click("nav button[data-tab='review']")
     page.fill("#reviewer", "alice")
