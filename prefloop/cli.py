@@ -344,6 +344,7 @@ def up(
         stack.start(lambda msg: console.print(f"[dim]{msg}[/dim]"))
         print(f"Chat page: {stack.url('gateway')}/", flush=True)
         print(f"API key: {stack.api_key}", flush=True)
+        print(f"Console: {stack.url('trainer')}/console (admin key {stack.admin_key})", flush=True)
         while stack.alive():
             time.sleep(0.5)
         console.print("[red]a process of the stack exited; stopping[/red]")

@@ -18,6 +18,7 @@ import json
 import logging
 import sqlite3
 import threading
+import weakref
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -38,6 +39,18 @@ CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, e
 """
 
 
+_METRICS: "weakref.WeakKeyDictionary[CollectorRegistry, tuple[Counter, Gauge]]" = weakref.WeakKeyDictionary()
+
+
+def _metrics_of(registry: CollectorRegistry) -> tuple[Counter, Gauge]:
+    """One set of outbox metrics per registry, labelled by outbox name (a service may have several)."""
+    if registry not in _METRICS:
+        _METRICS[registry] = (
+            Counter("prefloop_outbox_dead", "outbox rows moved aside as undeliverable", ["outbox"], registry=registry),
+            Gauge("prefloop_outbox_pending", "events waiting in the outbox", ["outbox"], registry=registry))
+    return _METRICS[registry]
+
+
 class Outbox:
     def __init__(self, path: str | Path, topics: list[Topic], metrics: CollectorRegistry, name: str) -> None:
         self.path = Path(path)
@@ -49,10 +62,9 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        self._dead_total = Counter("prefloop_outbox_dead", "outbox rows moved aside as undeliverable",
-                                   ["outbox"], registry=metrics).labels(name)
-        self._pending = Gauge("prefloop_outbox_pending", "events waiting in the outbox", ["outbox"],
-                              registry=metrics).labels(name)
+        dead, pending = _metrics_of(metrics)
+        self._dead_total = dead.labels(name)
+        self._pending = pending.labels(name)
         self._pending.set_function(lambda: len(self))
 
     def __len__(self) -> int:

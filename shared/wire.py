@@ -163,7 +163,9 @@ class PreferenceEvent(Event):
     prompt_messages: list[ChatMessage] = Field(min_length=1)
     chosen: str = Field(min_length=1)
     rejected: str = Field(min_length=1)
-    source: Literal["judge", "user"]
+    source: Literal["judge", "user", "human"]
+    """judge: the judge's label; user: a chat user's pick or rating; human: a reviewer settled an abstention
+    in the trainer's console (`judge_id` is then `human:<reviewer>`)"""
     judge_id: str = Field(min_length=1)
     reasoning: str | None = None
     chosen_scores: RubricScores | None = None
@@ -181,11 +183,15 @@ class PreferenceEvent(Event):
 
 
 class JudgementAbstainedEvent(Event):
-    """The judge declined to label a candidates event; kept for statistics, never trained on."""
+    """The judge declined to label a candidates event; never trained on as it is. Version 2 also
+    carries the pair itself (the conversation and the two answers in question), so a person can
+    settle it in the trainer's console; version 1 records (without them) still decode."""
 
+    SCHEMA_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
     _id_prefix: ClassVar[str] = "abs"
     _id_fields: ClassVar[tuple[str, ...]] = ("candidates_id", "judge_id", "reason")
 
+    schema_version: Literal[1, 2] = 2
     candidates_id: str
     prompt_id: str
     policy_version: str
@@ -193,6 +199,23 @@ class JudgementAbstainedEvent(Event):
     reason: Literal["inconsistent", "tie", "failure", "insufficient_candidates", "conflict"]
     """tie: no winner, or best and worst closer than the margin; conflict: the judge contradicts a user's rating"""
     detail: str = ""
+    prompt_messages: list[ChatMessage] = Field(default_factory=list)
+    """v2: the conversation the answers reply to (empty in v1)"""
+    answers: list[str] = Field(default_factory=list, max_length=2)
+    """v2: the two answers the judge would not label, the one its scores favoured first (empty in v1,
+    and when fewer than two distinct answers exist)"""
+    judge_favours: Literal[0, 1] | None = None
+    """v2: the index in `answers` the judge's rubric scores favoured; None when they did not differ or
+    none exist (a failure)"""
+    split: Literal["train", "eval"] = "train"
+
+    @model_validator(mode="after")
+    def _v1_has_no_pair(self) -> "JudgementAbstainedEvent":
+        if self.schema_version == 1 and (self.prompt_messages or self.answers):
+            raise ValueError("schema_version 1 abstentions carry no prompt_messages or answers")
+        if self.answers and (len(self.answers) != 2 or not self.prompt_messages):
+            raise ValueError("answers are a pair and come with the prompt_messages they reply to")
+        return self
 
 
 class FeedbackEvent(Event):

@@ -13,7 +13,11 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Header, HTTPException, status
 from prometheus_client import Counter
 
+from services.trainer.console import ConsoleQueries
+from services.trainer.console_api import install_console
+from services.trainer.dead_letter_watch import DeadLetterWatch
 from services.trainer.ledger import PreferenceLedger
+from services.trainer.review import ReviewStore
 from services.trainer.runner import TrainingRunner
 from services.trainer.settings import TrainerSettings
 from services.trainer.trigger import OPERATOR_TRIGGER
@@ -22,7 +26,7 @@ from shared.observability import health_router, new_registry
 from shared.outbox import Outbox
 from shared.registry import ModelRegistry, RegistryError
 from shared.service import LoopThreads
-from shared.topics import MODEL_UPDATES, PREFERENCES
+from shared.topics import ABSTENTIONS, MODEL_UPDATES, PREFERENCES
 from shared.wire import PreferenceEvent, RollbackRequest, RollbackResult, RunRecord, ServiceStatus, TrainAccepted
 
 log = logging.getLogger(__name__)
@@ -67,11 +71,13 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         outbox = Outbox(Path(settings.runs_dir) / "outbox.sqlite", [updates], metrics, "model-updates")
         runner = TrainingRunner(settings, ledger, ModelRegistry(settings.registry_dir), outbox, updates, metrics)
         writer = LedgerWriter(ledger, producer, PREFERENCES.with_prefix(prefix).dead_letter, settings.max_text_chars)
-        loops.start(ConsumeLoop(PREFERENCES.with_prefix(prefix), group_id=settings.group_id, handler=writer.handle,
-                                kafka=settings.kafka, producer=producer, service="trainer",
-                                batch_size=settings.batch_size, batch_timeout_ms=settings.batch_timeout_ms,
-                                max_attempts=settings.max_attempts, shutdown_grace_s=settings.shutdown_grace_s,
-                                registry=metrics))
+
+        def consume(topic, group_id: str, handler) -> None:
+            loops.start(ConsumeLoop(topic, group_id=group_id, handler=handler, kafka=settings.kafka, producer=producer,
+                                    service="trainer", batch_size=settings.batch_size,
+                                    batch_timeout_ms=settings.batch_timeout_ms, max_attempts=settings.max_attempts,
+                                    shutdown_grace_s=settings.shutdown_grace_s, registry=metrics))
+        consume(PREFERENCES.with_prefix(prefix), settings.group_id, writer.handle)
 
         def trigger_loop(stop: threading.Event) -> None:
             while not stop.wait(settings.check_interval_s):
@@ -85,7 +91,15 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         announcer = EventProducer(settings.kafka, "trainer", max_block_ms=5000)
         loops.run("trainer-trigger", trigger_loop)
         loops.run("model-update-outbox", lambda stop: outbox.relay_until(stop, announcer, settings.announce_retry_s))
-        state.update(runner=runner, ledger=ledger)
+        # the console: abstentions -> review queue; human picks -> review outbox -> preferences topic -> ledger
+        preferences = PREFERENCES.with_prefix(prefix)
+        review_outbox = Outbox(Path(settings.ledger_dir) / "review-outbox.sqlite", [preferences], metrics, "review")
+        review = ReviewStore(Path(settings.ledger_dir) / "review.sqlite", review_outbox, preferences)
+        consume(ABSTENTIONS.with_prefix(prefix), f"{settings.group_id}-review", review.handle)
+        loops.run("review-outbox", lambda stop: review_outbox.relay_until(stop, announcer, settings.announce_retry_s))
+        dead_letters = DeadLetterWatch(settings.kafka)
+        loops.run("dead-letter-watch", dead_letters.run)
+        state.update(runner=runner, ledger=ledger, queries=ConsoleQueries(runner, ledger, review, dead_letters))
         try:
             yield
         finally:
@@ -93,6 +107,8 @@ def create_app(settings: TrainerSettings) -> FastAPI:
             announcer.close()
             producer.close()
             outbox.close()
+            review_outbox.close()
+            review.close()
 
     app = FastAPI(title="prefloop trainer", lifespan=lifespan)
 
@@ -148,4 +164,5 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         return RollbackResult(current=current, previous=previous, detail=f"rolled back from {previous} to {current}; "
                               "the announcement is queued in the trainer's outbox")
 
+    install_console(app, settings, lambda: state)
     return app

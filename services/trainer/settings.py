@@ -1,10 +1,10 @@
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.judging.settings import JudgeBackendSettings
-from shared.settings import AdminKeySettings, EngineSettings, ServiceSettings
+from shared.settings import AdminKeySettings, EngineSettings, ServiceSettings, secret_from_file
 
 
 class TrainerSettings(ServiceSettings, AdminKeySettings):
@@ -69,4 +69,15 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     reward_hack_window: int = Field(5, ge=1, description="flag runs at reward accuracy 1.0 over the first N logs")
     judge: JudgeBackendSettings = Field(default_factory=JudgeBackendSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    # operator console (/console)
+    viewer_key: str = Field("", repr=False, description="bearer key for the console's read-only views (the admin "
+                            "key may also label)")
+    viewer_key_file: str = Field("", description="file holding the viewer key (a mounted secret)")
+
+    @model_validator(mode="after")
+    def _viewer_key_from_file(self):
+        self.viewer_key = secret_from_file(self.viewer_key, self.viewer_key_file, "PREFLOOP_TRAINER_VIEWER_KEY")
+        if self.viewer_key and self.viewer_key == self.admin_key:
+            raise ValueError("PREFLOOP_TRAINER_VIEWER_KEY must differ from the admin key")
+        return self
 

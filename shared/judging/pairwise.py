@@ -85,11 +85,16 @@ class PairwiseJudge:
         self.stats.record_pair(result.kind, result.winner, x, y, result.favoured_position)
         return result
 
-    def _abstain(self, event: CandidatesEvent, reason: str, detail: str) -> Outcome:
+    def _abstain(self, event: CandidatesEvent, reason: str, detail: str, pair: tuple[str, str] | None = None,
+                 favoured: bool = False) -> Outcome:
+        """`pair`: the two answers in question (a reviewer can settle them); `favoured`: the judge's scores
+        favoured the first."""
         self.stats.abstained.labels(reason).inc()
         return Outcome(abstention=JudgementAbstainedEvent(
             producer="judge", candidates_id=event.id, prompt_id=event.prompt_id, policy_version=event.policy_version,
-            judge_id=self.backend.judge_id, reason=reason, detail=detail))
+            judge_id=self.backend.judge_id, reason=reason, detail=detail, split=event.prompt.split,
+            prompt_messages=event.prompt.messages if pair else [], answers=list(pair or ()),
+            judge_favours=0 if pair and favoured else None))
 
     async def decide(self, event: CandidatesEvent) -> Outcome:
         """Best vs worst of the candidates (see selection.py), or an abstention saying why not."""
@@ -118,17 +123,21 @@ class PairwiseJudge:
                 or await self.pair(conversation, reference, chosen, rejected)
         except JudgeFailure as exc:
             self.stats.failures.inc()
-            return Outcome(failure=exc, abstention=self._abstain(event, "failure", str(exc)).abstention)
+            return Outcome(failure=exc, abstention=self._abstain(event, "failure", str(exc), (texts[0], texts[1])
+                                                                 ).abstention)
+        leads = value[chosen] > value[rejected]
         if rated is None:
             if confirm.winner != chosen:
                 return self._abstain(event, confirm.kind if confirm.kind != "consistent" else "inconsistent",
-                                     confirm.reasoning()[:2000])
+                                     confirm.reasoning()[:2000], (chosen, rejected), leads)
             if value[chosen] - value[rejected] < self.min_margin:
                 return self._abstain(event, "tie", f"best and worst of {len(texts)} answers differ by "
-                                                   f"{value[chosen] - value[rejected]:.2f} < {self.min_margin}")
+                                                   f"{value[chosen] - value[rejected]:.2f} < {self.min_margin}",
+                                     (chosen, rejected), leads)
         if rated is not None and confirm.winner == rejected:
             return self._abstain(event, "conflict", f"the user rated {rated[1]:+d} but the judge prefers the other "
-                                                    f"answer in both orders: {confirm.reasoning()[:1800]}")
+                                                    f"answer in both orders: {confirm.reasoning()[:1800]}",
+                                 (rejected, chosen), True)
         preference = PreferenceEvent(
             producer="judge", prompt_id=event.prompt_id, prompt_messages=conversation, chosen=chosen,
             rejected=rejected, source="judge" if rated is None else "user", judge_id=self.backend.judge_id,

@@ -132,3 +132,27 @@ def test_checkov_passes_on_every_overlay_and_dockerfile_with_each_skip_explained
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     failed = {r["check_id"] for r in checkov(tmp_path / "bad.yaml")["kubernetes"]["results"]["failed_checks"]}
     assert {"CKV_K8S_16", "CKV_K8S_20", "CKV_K8S_22"} <= failed
+
+
+def test_the_monitoring_component_renders_onto_an_overlay(tmp_path):
+    """k8s/components/monitoring added to the dev overlay: the dashboard ConfigMap, the alerts and the
+    PodMonitor render into the namespace; the built-in kinds still validate."""
+    overlay = ROOT / "k8s" / "overlays" / f"test-{tmp_path.name}"
+    overlay.mkdir()
+    try:
+        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["../dev"],
+            "components": ["../../components/monitoring"]}))
+        docs = render(overlay.name)
+    finally:
+        (overlay / "kustomization.yaml").unlink(missing_ok=True)
+        overlay.rmdir()
+    kinds = {d["kind"]: d for d in docs}
+    assert kinds["PrometheusRule"]["metadata"]["namespace"] == kinds["PodMonitor"]["metadata"]["namespace"] == "prefloop"
+    dashboard = next(d for d in docs if d["metadata"]["name"] == "prefloop-grafana-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["grafana-dashboard.json"])["uid"] == "prefloop"
+    for doc in docs:
+        if doc["apiVersion"].startswith(("kafka.strimzi.io", "monitoring.coreos.com")):
+            continue
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)

@@ -74,3 +74,17 @@ def test_a_row_for_an_unknown_topic_or_with_a_broken_event_is_moved_aside(tmp_pa
     assert box.relay(broker) == 1 and broker.published == [(PROMPTS.name, good.id)]
     reasons = [d["reason"] for d in box.dead()]
     assert reasons[0].startswith("LookupError: unknown topic") and reasons[1].startswith("ValidationError")
+
+
+def test_two_outboxes_share_one_registry_labelled_by_name(tmp_path):
+    from prometheus_client import generate_latest
+
+    metrics = new_registry()
+    first = Outbox(tmp_path / "a.sqlite", [PROMPTS], metrics, "model-updates")
+    second = Outbox(tmp_path / "b.sqlite", [PROMPTS], metrics, "review")
+    second.put([(PROMPTS, prompt("queued"))])
+    text = generate_latest(metrics).decode()
+    assert 'prefloop_outbox_pending{outbox="model-updates"} 0.0' in text
+    assert 'prefloop_outbox_pending{outbox="review"} 1.0' in text
+    first.close()
+    second.close()
