@@ -1,13 +1,18 @@
-"""A judge endpoint outage is waited out, not dead-lettered. Real broker, `prefloop serve judge`, and
-the fake OpenAI-protocol server."""
+"""A judge endpoint outage is waited out, not dead-lettered; `prefloop dlq replay` re-publishes dead
+letters after a fix. Real broker, `prefloop serve judge`, and the fake OpenAI-protocol server."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+
+from kafka import KafkaProducer
 
 from shared.topics import ABSTENTIONS, CANDIDATES, PREFERENCES
 from tests.fake_openai import FakeOpenAI, Script
 from tests.helpers import wait_for
+from tests.integration.procs import PREFLOOP
 from tests.integration.test_judge import BAD, GOOD, candidates, judge_proc, topic_events
 
 FAST_BREAKER = dict(circuit_open_s=0.2, circuit_max_open_s=1.0, batch_size=4)
@@ -64,3 +69,42 @@ def test_an_endpoint_outage_is_waited_out_and_every_event_is_judged_when_it_retu
             wait_for(lambda: metric(judge, "prefloop_judge_circuit_open") == 0, 30, "the breaker to close")
     finally:
         judge.kill()
+
+
+def replay(kafka, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFLOOP_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+           "PREFLOOP_KAFKA_TOPIC_PREFIX": kafka.topic_prefix, "COLUMNS": "200"}
+    out = subprocess.run([PREFLOOP, "dlq", "replay", "prefloop.candidates.v1", "--idle-s", "1", *args], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_dlq_replay_republishes_dead_letters_once_and_they_get_judged(kafka, producer, tmp_path):
+    with FakeOpenAI(Script(status=404)) as fake:  # a misconfigured model name: each record's own 4xx
+        judge = judge_proc(kafka, tmp_path, fake).start()
+        try:
+            events = [candidates(f"Replay question {i} about my ear", BAD, GOOD) for i in range(3)]
+            producer.publish(CANDIDATES.with_prefix(kafka.topic_prefix), events)
+            raw = KafkaProducer(bootstrap_servers=[kafka.bootstrap_servers])
+            raw.send(CANDIDATES.with_prefix(kafka.topic_prefix).name, b"not json").get(30)
+            raw.close()
+            all_of(kafka, CANDIDATES.dead_letter, 4, what="every record dead-lettered")
+            assert metric(judge, "prefloop_judge_endpoint_outages_total") == 0  # a 404 is no outage
+
+            fake.script.status = None  # fixed
+            dry = replay(kafka, "--dry-run")
+            assert re.search(r"handler: judge failed: HTTP 404\s.*\s3\s", dry.stdout), dry.stdout
+            assert re.search(r"decode: value is not JSON.*\s1\s", dry.stdout), dry.stdout
+            assert "read 4 dead letters, 4 matching; would re-publish 3" in dry.stdout
+            assert "1 still unreadable" in dry.stdout and topic_events(kafka, PREFERENCES, 1, 2) == []
+
+            done = replay(kafka, "--reason", "HTTP 404")
+            assert "read 4 dead letters, 3 matching; re-published 3" in done.stdout, done.stdout
+            prefs = all_of(kafka, PREFERENCES, 3, what="the replayed events judged")
+            assert sorted(p.prompt_id for p in prefs) == sorted(e.prompt_id for e in events)
+            again = replay(kafka, "--reason", "HTTP 404")
+            assert "read 0 dead letters" in again.stdout, again.stdout
+            assert len(topic_events(kafka, PREFERENCES, 4, 3)) == 3
+        finally:
+            judge.kill()
