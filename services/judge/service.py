@@ -4,7 +4,7 @@ commits only after all of that was acknowledged.
 
 An endpoint outage is no event's failure: if any event of the batch met one, nothing is
 published and `JudgeEndpointUnavailable` makes the consume loop wait until the breaker's next
-probe and run the same batch again (verdicts already obtained come from the cache)."""
+probe and run the same batch again; events already decided are kept, not judged again."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import threading
 
 from shared.judging.cache import VerdictCache
 from shared.judging.openai_backend import OpenAIJudge
-from shared.judging.pairwise import PairwiseJudge
+from shared.judging.pairwise import Outcome, PairwiseJudge
 from services.judge.settings import JudgeSettings
 from shared.judging.stats import JudgeStats
 from shared.kafka import EventProducer, Received, Unavailable, publish_dead_letters
@@ -37,20 +37,31 @@ class JudgeService:
                                    min_margin=settings.min_margin)
         self._producer = producer
         self._preferences, self._abstentions, self._dlq = preferences, abstentions, candidates_dlq
+        self._decided: dict[str, Outcome] = {}
+        """outcomes of the batch being handled, kept while it waits for the endpoint or the broker"""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="judge-asyncio", daemon=True)
         self._thread.start()
 
     def handle(self, batch: list[Received[CandidatesEvent]]) -> None:
-        async def decide_all():
-            return await asyncio.gather(*(self.judge.decide(r.event) for r in batch))
+        ids = {r.event.id for r in batch}
+        self._decided = {k: o for k, o in self._decided.items() if k in ids}  # held only for a batch run again
+        todo = list({r.event.id: r.event for r in batch if r.event.id not in self._decided}.values())
 
-        outcomes = asyncio.run_coroutine_threadsafe(decide_all(), self._loop).result()
-        outages = [o.outage for o in outcomes if o.outage]
+        async def decide_all():
+            return await asyncio.gather(*(self.judge.decide(e) for e in todo))
+
+        outages = []
+        for event, outcome in zip(todo, asyncio.run_coroutine_threadsafe(decide_all(), self._loop).result()):
+            if outcome.outage:
+                outages.append(outcome.outage)
+            else:
+                self._decided[event.id] = outcome  # not judged (or counted) again when the batch runs again
         if outages:
             breaker = self.backend.breaker
             raise JudgeEndpointUnavailable(f"{len(outages)} of {len(batch)} events met a judge endpoint outage "
                                            f"(circuit {breaker.state}): {outages[0]}", breaker.seconds_until_probe())
+        outcomes = [self._decided[r.event.id] for r in batch]
         prefs = [o.preference for o in outcomes if o.preference]
         abstentions = [o.abstention for o in outcomes if o.abstention]
         dead = [r.dead_letter("judge", "handler", f"judge failed: {o.failure}", o.failure.attempts)
@@ -59,6 +70,7 @@ class JudgeService:
         self._producer.publish(self._abstentions, abstentions)
         if dead:
             publish_dead_letters(self._producer, self._dlq, dead)
+        self._decided.clear()
         if isinstance(self.backend, OpenAIJudge):
             self.stats.tokens.labels("prompt").set(self.backend.usage.prompt_tokens)
             self.stats.tokens.labels("completion").set(self.backend.usage.completion_tokens)

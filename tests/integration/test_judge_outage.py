@@ -53,6 +53,7 @@ def test_an_endpoint_outage_is_waited_out_and_every_event_is_judged_when_it_retu
             assert [a.reason for a in topic_events(kafka, ABSTENTIONS, 1)] == ["failure"]
             assert metric(judge, "prefloop_judge_circuit_open") == 0
             assert metric(judge, "prefloop_judge_endpoint_outages_total") == 1
+            assert metric(judge, "prefloop_judge_preferences_total") == len(events)  # each judged once
             port = fake.port
         except BaseException:
             judge.kill()
