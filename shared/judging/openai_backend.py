@@ -5,9 +5,10 @@ transport errors and unusable replies, honouring Retry-After; a per-process requ
 
 Failures are the endpoint's or the record's. Connection errors, timeouts, HTTP 5xx, 429 and 408
 that last through the retries are an endpoint outage: the circuit breaker (`breaker.py`) opens
-and `EndpointUnavailable` tells the caller to wait and try the same records again, unless the
-endpoint answered other requests meanwhile (then this request's own failure, e.g. an input
-that crashes the server). A reply that is not a valid verdict (after retries) or any other 4xx
+and `EndpointUnavailable` tells the caller to wait and try the same records again. Only a
+timeout or a 500-type error (not 502/503/504, which say overloaded or unreachable) that one
+request keeps getting while the endpoint answers other requests is that request's own failure
+(an input that crashes or stalls the server); 429, 408, 502-504 and connection errors never are. A reply that is not a valid verdict (after retries) or any other 4xx
 is the record's: `JudgeFailure`, abstained on and dead-lettered.
 The API key goes only into the Authorization header; it is never logged.
 
@@ -59,18 +60,22 @@ class MalformedVerdict(Exception):
 
 
 class RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None, outage: bool = False) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, outage: bool = False,
+                 input_may_cause: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.outage = outage
         """the endpoint's fault (connection, timeout, 5xx, 429, 408), not the reply's"""
+        self.input_may_cause = input_may_cause
+        """an outage error that one input can cause (a timeout, a 500): that input's failure if the
+        endpoint answers other requests meanwhile"""
 
 
-OUTAGE_STATUS = frozenset({408, 429})  # and every 5xx
+UNAVAILABLE_STATUS = frozenset({408, 429, 502, 503, 504})  # busy, overloaded or unreachable: never the input's
 
 
 def is_outage_status(status: int) -> bool:
-    return status >= 500 or status in OUTAGE_STATUS
+    return status >= 500 or status in UNAVAILABLE_STATUS
 
 
 @dataclass
@@ -138,7 +143,7 @@ class OpenAIJudge:
                     attempts = attempt.retry_state.attempt_number
                     return await self._attempt(messages, attempts)
         except RetryableError as exc:
-            if exc.outage and not self.breaker.answered_since(started):
+            if exc.outage and not (exc.input_may_cause and self.breaker.answered_since(started)):
                 self.breaker.record_outage(str(exc))
                 raise EndpointUnavailable(f"judge endpoint unavailable after {attempts} attempts: {exc}",
                                           attempts) from exc
@@ -195,7 +200,8 @@ class OpenAIJudge:
             try:
                 return await self._client.post(self._url, json=body, headers=self._headers)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                raise RetryableError(f"{type(exc).__name__} calling the judge endpoint", outage=True) from exc
+                raise RetryableError(f"{type(exc).__name__} calling the judge endpoint", outage=True,
+                                     input_may_cause=isinstance(exc, httpx.ReadTimeout)) from exc
             finally:
                 self._on_latency(time.monotonic() - started)
 
@@ -206,7 +212,8 @@ class OpenAIJudge:
             if response.status_code != 400 or not (body != self._body(messages) or self._adapt(response)):
                 break
         if is_outage_status(response.status_code):
-            raise RetryableError(f"HTTP {response.status_code}", _retry_after(response), outage=True)
+            raise RetryableError(f"HTTP {response.status_code}", _retry_after(response), outage=True,
+                                 input_may_cause=response.status_code not in UNAVAILABLE_STATUS)
         self.breaker.record_ok()  # it answered: whatever is wrong now is this request's
         if response.status_code != 200:
             raise JudgeFailure(f"HTTP {response.status_code}: {response.text[:300]}", 1)

@@ -113,11 +113,24 @@ def test_a_bad_verdict_or_a_4xx_is_the_records_failure_and_leaves_the_breaker_cl
     assert judge.breaker.state == "closed" and judge.breaker.outages == 0
 
 
-def test_a_5xx_for_one_request_while_the_endpoint_answers_others_is_that_records_failure():
-    judge, _ = judge_with(lambda r: reply(500) if b"POISON" in r.content else reply())
-    poison, fine = run(judge, ("POISON", "b"), ("a", "b"))
+def test_a_500_or_a_read_timeout_for_one_request_while_the_endpoint_answers_others_is_that_records_failure():
+    def handler(request):
+        if b"STALLS" in request.content:
+            raise httpx.ReadTimeout("timed out", request=request)
+        return reply(500) if b"POISON" in request.content else reply()
+
+    judge, _ = judge_with(handler)
+    poison, stalls, fine = run(judge, ("POISON", "b"), ("STALLS", "b"), ("a", "b"))
     assert type(poison) is JudgeFailure and "answered other requests" in str(poison)
+    assert type(stalls) is JudgeFailure and "ReadTimeout" in str(stalls)
     assert fine.winner == "A" and judge.breaker.state == "closed"
+
+
+@pytest.mark.parametrize("status", [429, 503, 502, 504, 408])
+def test_busy_or_unreachable_is_never_one_records_failure_even_while_others_are_answered(status):
+    judge, _ = judge_with(lambda r: reply(status) if b"UNLUCKY" in r.content else reply())
+    unlucky, fine = run(judge, ("UNLUCKY", "b"), ("a", "b"))
+    assert isinstance(unlucky, EndpointUnavailable) and fine.winner == "A"
 
 
 def test_a_half_open_probe_that_succeeds_closes_the_breaker_and_one_that_fails_reopens_it():
