@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prefloop.dlq import dlq_app
 from shared.observability import configure_logging
 from shared.prompts import MAX_PROMPT_BYTES
 from shared.settings import KafkaSettings, LogSettings
@@ -21,6 +22,7 @@ from shared.settings import KafkaSettings, LogSettings
 app = typer.Typer(help="prefloop: continuous preference alignment for chat LLMs.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
+app.add_typer(dlq_app, name="dlq")
 
 
 @app.command()

@@ -8,7 +8,10 @@ the instruction part of the request, i.e. anywhere outside the fenced data block
 chosen by markers in the conversation: RATELIMIT_ONCE, FAIL500_ONCE, FAIL500, TIMEOUT,
 MALFORMED (a body that is not JSON), PROSE (a completion whose content is prose, as a weak model
 writes), MISSING_FIELDS, OUT_OF_RANGE, BAD_WINNER, SLOW. `max_concurrency` caps the requests
-served at once, like a real API tier: the ones above it wait for a free place.
+served at once, like a real API tier: the ones above it wait for a free place. `Script.status`
+answers every request with that HTTP status (503: an outage; 404: a misconfigured model). A
+connection-refused outage is the server stopped; `FakeOpenAI(port=...)` starts a new one where the
+old one was.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class Script:
     request_times: list[float] = field(default_factory=list)
     seen_once: Counter = field(default_factory=Counter)
     authorization: list[str] = field(default_factory=list)
+    status: int | None = None
+    """answer every request with this HTTP status (an outage, a refusal) instead of a verdict"""
     refuse: set[str] = field(default_factory=set)
     """what this endpoint answers 400 to: json_schema, json_object (response formats), temperature, max_tokens"""
     max_concurrency: int | None = None
@@ -81,6 +86,8 @@ def build_app(script: Script) -> FastAPI:
         fenced = {m["label"]: m["body"] for m in FENCE.finditer(user)}
         instruction_part = system + FENCE.sub("", user)
         convo = fenced.get("CONVERSATION", "")
+        if script.status is not None:
+            return JSONResponse({"error": {"message": f"scripted HTTP {script.status}"}}, script.status)
         fmt = (body.get("response_format") or {}).get("type")
         if fmt in script.refuse:
             return JSONResponse({"error": {"message": f"response_format {fmt} is not supported",
@@ -133,9 +140,9 @@ def build_app(script: Script) -> FastAPI:
 
 
 class FakeOpenAI:
-    def __init__(self, script: Script | None = None) -> None:
+    def __init__(self, script: Script | None = None, port: int | None = None) -> None:
         self.script = script or Script()
-        self.port = free_port()
+        self.port = port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(build_app(self.script), host="127.0.0.1", port=self.port,
                                                    log_level="warning", timeout_keep_alive=30))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

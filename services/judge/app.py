@@ -38,7 +38,7 @@ def create_app(settings: JudgeSettings) -> FastAPI:
                                        service="judge", batch_size=settings.batch_size,
                                        batch_timeout_ms=settings.batch_timeout_ms, max_attempts=settings.max_attempts,
                                        shutdown_grace_s=settings.shutdown_grace_s, registry=metrics))
-        state.update(loop=loop)
+        state.update(loop=loop, service=service)
 
         def health_log(stop: threading.Event) -> None:
             while not stop.wait(settings.health_log_interval_s):
@@ -61,6 +61,7 @@ def create_app(settings: JudgeSettings) -> FastAPI:
 
     @app.get("/status")
     def status() -> ServiceStatus:
-        return ServiceStatus(service="judge", ready="loop" in state and loops.healthy, detail=stats.summary())
+        detail = state["service"].status_detail() if "service" in state else stats.summary()
+        return ServiceStatus(service="judge", ready="loop" in state and loops.healthy, detail=detail)
 
     return app

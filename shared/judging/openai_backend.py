@@ -2,6 +2,14 @@
 
 Bounded concurrency; retries with exponential backoff and jitter on 429, 5xx, timeouts,
 transport errors and unusable replies, honouring Retry-After; a per-process request budget.
+
+Failures are the endpoint's or the record's. Connection errors, timeouts, HTTP 5xx, 429 and 408
+that last through the retries are an endpoint outage: the circuit breaker (`breaker.py`) opens
+and `EndpointUnavailable` tells the caller to wait and try the same records again. Only a
+timeout or a 500-type error (not 502/503/504, which say overloaded or unreachable) that one
+request keeps getting while the endpoint answers other requests is that request's own failure
+(an input that crashes or stalls the server); 429, 408, 502-504 and connection errors never are. A reply that is not a valid verdict (after retries) or any other 4xx
+is the record's: `JudgeFailure`, abstained on and dead-lettered.
 The API key goes only into the Authorization header; it is never logged.
 
 Endpoints differ in what they accept. When one answers 400 naming a parameter, the request is
@@ -24,6 +32,7 @@ import httpx
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from shared.judging.breaker import CircuitBreaker
 from shared.judging.prompt import build_messages, parse_verdict, response_format
 from shared.wire import ChatMessage, PairVerdict
 
@@ -42,14 +51,31 @@ class BudgetExhausted(JudgeFailure):
     pass
 
 
+class EndpointUnavailable(JudgeFailure):
+    """The endpoint is down (or the breaker is open): not the record's fault; wait and retry it."""
+
+
 class MalformedVerdict(Exception):
     """The endpoint answered, but not with a valid verdict (not JSON, missing fields, out of range)."""
 
 
 class RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, outage: bool = False,
+                 input_may_cause: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.outage = outage
+        """the endpoint's fault (connection, timeout, 5xx, 429, 408), not the reply's"""
+        self.input_may_cause = input_may_cause
+        """an outage error that one input can cause (a timeout, a 500): that input's failure if the
+        endpoint answers other requests meanwhile"""
+
+
+UNAVAILABLE_STATUS = frozenset({408, 429, 502, 503, 504})  # busy, overloaded or unreachable: never the input's
+
+
+def is_outage_status(status: int) -> bool:
+    return status >= 500 or status in UNAVAILABLE_STATUS
 
 
 @dataclass
@@ -71,7 +97,7 @@ class OpenAIJudge:
     def __init__(self, *, base_url: str, model: str, api_key: str, concurrency: int = 64, max_retries: int = 4,
                  retry_base_s: float = 0.5, retry_max_s: float = 30.0, timeout_s: float = 60.0,
                  request_budget: int = 0, structured_output: str = "json_schema", temperature: float | None = 0.0,
-                 max_tokens: int = 1024, on_latency=None) -> None:
+                 max_tokens: int = 1024, on_latency=None, breaker: CircuitBreaker | None = None) -> None:
         self.judge_id = f"openai:{model}"
         self._model = model
         self._url = base_url.rstrip("/") + "/chat/completions"
@@ -88,6 +114,7 @@ class OpenAIJudge:
         self._semaphore: asyncio.Semaphore | None = None
         self._concurrency = concurrency
         self._client: httpx.AsyncClient | None = None
+        self.breaker = breaker or CircuitBreaker()
         self.usage = Usage()
         self.malformed = 0
         """replies that were not a valid verdict (each one retried, never labelled)"""
@@ -107,18 +134,37 @@ class OpenAIJudge:
             self._client = httpx.AsyncClient(timeout=self._timeout)
             self._semaphore = asyncio.Semaphore(self._concurrency)
         messages = build_messages(conversation, a, b, reference)
+        started = self.breaker.now()
         attempts = 0
-        last: Exception | None = None
         try:
             async for attempt in AsyncRetrying(stop=stop_after_attempt(self._max_attempts), wait=self._wait,
                                                retry=retry_if_exception_type(RetryableError), reraise=True):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    return await self._call(messages)
+                    return await self._attempt(messages, attempts)
         except RetryableError as exc:
-            last = exc
-        kind = "malformed verdicts" if isinstance(last.__cause__, MalformedVerdict) else "no usable verdict"
-        raise JudgeFailure(f"{kind} after {attempts} attempts: {last}", attempts)
+            if exc.outage and not (exc.input_may_cause and self.breaker.answered_since(started)):
+                self.breaker.record_outage(str(exc))
+                raise EndpointUnavailable(f"judge endpoint unavailable after {attempts} attempts: {exc}",
+                                          attempts) from exc
+            kind = ("malformed verdicts" if isinstance(exc.__cause__, MalformedVerdict) else
+                    "no usable verdict (the endpoint answered other requests meanwhile)" if exc.outage else
+                    "no usable verdict")
+            raise JudgeFailure(f"{kind} after {attempts} attempts: {exc}", attempts) from exc
+
+    async def _attempt(self, messages: list[dict], attempt: int) -> PairVerdict:
+        """One attempt through the breaker: refused at once while it is open; a probe while half-open."""
+        if not self.breaker.allows():
+            raise EndpointUnavailable(f"judge endpoint unavailable (circuit open, next probe in "
+                                      f"{self.breaker.seconds_until_probe():.1f}s)", attempt - 1)
+        probe = self.breaker.probing
+        try:
+            return await self._call(messages)
+        except RetryableError as exc:
+            if probe and exc.outage and self.breaker.state != "closed":  # no other probe got through either
+                self.breaker.record_outage(f"probe: {exc}")
+                raise EndpointUnavailable(f"judge endpoint still unavailable: {exc}", attempt) from exc
+            raise
 
     def _body(self, messages: list[dict]) -> dict:
         body = {"model": self._model, "messages": messages, self._max_tokens_field: self._max_tokens}
@@ -154,7 +200,8 @@ class OpenAIJudge:
             try:
                 return await self._client.post(self._url, json=body, headers=self._headers)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                raise RetryableError(f"{type(exc).__name__} calling the judge endpoint") from exc
+                raise RetryableError(f"{type(exc).__name__} calling the judge endpoint", outage=True,
+                                     input_may_cause=isinstance(exc, httpx.ReadTimeout)) from exc
             finally:
                 self._on_latency(time.monotonic() - started)
 
@@ -164,8 +211,10 @@ class OpenAIJudge:
             response = await self._post(body)
             if response.status_code != 400 or not (body != self._body(messages) or self._adapt(response)):
                 break
-        if response.status_code == 429 or response.status_code >= 500:
-            raise RetryableError(f"HTTP {response.status_code}", _retry_after(response))
+        if is_outage_status(response.status_code):
+            raise RetryableError(f"HTTP {response.status_code}", _retry_after(response), outage=True,
+                                 input_may_cause=response.status_code not in UNAVAILABLE_STATUS)
+        self.breaker.record_ok()  # it answered: whatever is wrong now is this request's
         if response.status_code != 200:
             raise JudgeFailure(f"HTTP {response.status_code}: {response.text[:300]}", 1)
         try:

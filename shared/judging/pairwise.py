@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from shared.judging.cache import VerdictCache, verdict_key
-from shared.judging.openai_backend import JudgeFailure
+from shared.judging.openai_backend import EndpointUnavailable, JudgeFailure
 from shared.judging.selection import scoring_pairs, weighted_mean
 from shared.judging.stats import JudgeStats
 from shared.wire import CandidatesEvent, ChatMessage, JudgementAbstainedEvent, PairVerdict, PreferenceEvent, RubricScores
@@ -26,6 +26,8 @@ class Outcome:
     preference: PreferenceEvent | None = None
     abstention: JudgementAbstainedEvent | None = None
     failure: JudgeFailure | None = None
+    outage: EndpointUnavailable | None = None
+    """the endpoint was down: no outcome yet, the event must be judged again later"""
 
 
 @dataclass
@@ -121,6 +123,8 @@ class PairwiseJudge:
                                     else (rated[0], min(others, key=value.get)))
             confirm = next((p for p in scoring if {p.first, p.second} == {chosen, rejected}), None) \
                 or await self.pair(conversation, reference, chosen, rejected)
+        except EndpointUnavailable as exc:
+            return Outcome(outage=exc)
         except JudgeFailure as exc:
             self.stats.failures.inc()
             return Outcome(failure=exc, abstention=self._abstain(event, "failure", str(exc), (texts[0], texts[1])

@@ -30,6 +30,9 @@ class JudgeBackendSettings(BaseSettings):
     retry_max_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(60.0, gt=0)
     request_budget: int = Field(0, ge=0, description="max requests this process may send (0 = unlimited)")
+    circuit_open_s: float = Field(1.0, gt=0, description="after an endpoint outage (5xx, 429, 408, timeouts, "
+                                  "connection errors through the retries) wait this long before probing")
+    circuit_max_open_s: float = Field(60.0, gt=0, description="the wait doubles per failed probe up to this")
 
     @model_validator(mode="after")
     def _needs_key(self):
@@ -43,7 +46,9 @@ class JudgeBackendSettings(BaseSettings):
     def judge_id(self) -> str:
         return "rubric-v1" if self.backend == "rubric" else f"openai:{self.model}"
 
-    def make_backend(self, on_latency=None):
+    def make_backend(self, on_latency=None, on_circuit=None):
+        """The configured backend; `on_circuit(is_open)` hears the openai backend's breaker change."""
+        from shared.judging.breaker import CircuitBreaker
         from shared.judging.openai_backend import OpenAIJudge
         from shared.judging.rubric import RubricJudge
 
@@ -54,5 +59,5 @@ class JudgeBackendSettings(BaseSettings):
                            retry_base_s=self.retry_base_s, retry_max_s=self.retry_max_s,
                            timeout_s=self.request_timeout_s, request_budget=self.request_budget,
                            structured_output=self.structured_output, temperature=self.temperature,
-                           max_tokens=self.max_tokens,
-                           on_latency=on_latency)
+                           max_tokens=self.max_tokens, on_latency=on_latency,
+                           breaker=CircuitBreaker(self.circuit_open_s, self.circuit_max_open_s, on_change=on_circuit))

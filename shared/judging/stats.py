@@ -31,10 +31,21 @@ class JudgeStats:
         self.malformed = Gauge("prefloop_judge_malformed_replies",
                                "endpoint replies that were not a valid verdict (retried, never labelled)",
                                registry=registry)
+        self.circuit_open = Gauge("prefloop_judge_circuit_open",
+                                  "1 while the judge endpoint's circuit breaker is open (an outage being waited out)",
+                                  registry=registry)
+        self.endpoint_outages = Counter("prefloop_judge_endpoint_outages",
+                                        "times the judge endpoint became unavailable (the breaker opened)",
+                                        registry=registry)
         self.swap_consistency = Gauge("prefloop_judge_swap_consistency", "consistent / (consistent + inconsistent)",
                                       registry=registry)
 
         self._recent: deque[float] = deque(maxlen=2000)
+
+    def circuit_changed(self, is_open: bool) -> None:
+        self.circuit_open.set(1 if is_open else 0)
+        if is_open:
+            self.endpoint_outages.inc()
 
     def observe_latency(self, seconds: float) -> None:
         self.latency.observe(seconds)
@@ -67,6 +78,8 @@ class JudgeStats:
             "failures": self.failures._value.get(),
             "position_flips": sum(self.position_flips.labels(p)._value.get() for p in ("A", "B")),
             "malformed_replies": self.malformed._value.get(),
+            "circuit_open": self.circuit_open._value.get(),
+            "endpoint_outages": self.endpoint_outages._value.get(),
             "longer_wins_rate": round(self.longer_wins._value.get() / unequal, 3) if unequal else 0.0,
             "latency_p50_s": round(cuts[49], 3) if cuts else 0.0,
             "latency_p95_s": round(cuts[94], 3) if cuts else 0.0,

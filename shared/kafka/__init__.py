@@ -4,7 +4,7 @@ that commits only after a batch was handled or dead-lettered."""
 from shared.kafka.codec import DecodeError, decode, encode
 from shared.kafka.consumer import ConsumeLoop
 from shared.kafka.dead_letters import Received, publish_dead_letters
-from shared.kafka.producer import BrokerUnavailable, EventProducer, PublishRejected
+from shared.kafka.producer import BrokerUnavailable, EventProducer, PublishRejected, Unavailable
 
-__all__ = ["BrokerUnavailable", "ConsumeLoop", "DecodeError", "EventProducer", "PublishRejected", "Received", "decode",
-           "encode", "publish_dead_letters"]
+__all__ = ["BrokerUnavailable", "ConsumeLoop", "DecodeError", "EventProducer", "PublishRejected", "Received",
+           "Unavailable", "decode", "encode", "publish_dead_letters"]

@@ -7,9 +7,11 @@ or handled, with the reason; commit offsets only after all of that succeeded. On
 (SIGTERM), an in-flight batch gets `shutdown_grace_s` to finish, else it is abandoned
 uncommitted and will be redelivered. Handlers must be idempotent on the event id.
 
-A handler whose publish the broker cannot take for now (`BrokerUnavailable`) is waited out; one
-whose output the broker refuses for good (`PublishRejected`, e.g. too large) is not retried: the
-record is isolated and dead-lettered with that reason.
+A handler whose publish the broker cannot take for now (`BrokerUnavailable`), or that finds
+another dependency down (any `Unavailable`, e.g. the judge endpoint), is waited out and the
+batch runs again; nothing is dead-lettered or committed for it. One whose output the broker
+refuses for good (`PublishRejected`, e.g. too large) is not retried: the record is isolated and
+dead-lettered with that reason.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, 
 
 from shared.kafka.codec import DecodeError, decode
 from shared.kafka.dead_letters import Received, make_dead_letter, publish_dead_letters
-from shared.kafka.producer import BrokerUnavailable, EventProducer, PublishRejected
+from shared.kafka.producer import BrokerUnavailable, EventProducer, PublishRejected, Unavailable
 from shared.settings import KafkaSettings
 from shared.topics import Topic
 from shared.wire import DeadLetter, ServiceName
@@ -194,7 +196,7 @@ class ConsumeLoop:
 
         def work() -> None:
             try:
-                self._until_broker_takes_it(lambda: failures.extend(self._handle_with_retries(valid)))
+                self._until_available(lambda: failures.extend(self._handle_with_retries(valid)))
                 handled.set()
             finally:
                 done.set()
@@ -219,7 +221,7 @@ class ConsumeLoop:
         if dead:
             # Wait for the DLQ acks before committing: a dead letter is never lost.
             dlq = self.topic.dead_letter
-            if not self._until_broker_takes_it(lambda: publish_dead_letters(self._producer, dlq, dead)):
+            if not self._until_available(lambda: publish_dead_letters(self._producer, dlq, dead)):
                 return False
             for d in dead:
                 self._metrics.dead.labels(self.topic.name, d.error_kind).inc()
@@ -228,19 +230,21 @@ class ConsumeLoop:
         self._metrics.handled.labels(self.topic.name).inc(len(valid) - len(failures))
         return True
 
-    def _until_broker_takes_it(self, publish_step) -> bool:
-        """Run `publish_step` until it gets past `BrokerUnavailable` (True) or the loop stops (False).
-        A broker outage is nobody's record's fault: it is waited out, never dead-lettered."""
+    def _until_available(self, step) -> bool:
+        """Run `step` until it gets past `Unavailable` (True) or the loop stops (False). A broker or
+        endpoint outage is nobody's record's fault: it is waited out, never dead-lettered."""
         wait_s = self._retry_wait_s
         while True:
             try:
-                publish_step()
+                step()
                 return True
-            except BrokerUnavailable as exc:
-                self._metrics.broker_waits.labels(self.topic.name).inc()
-                log.warning("broker unavailable while handling %s (%s); retrying in %.1fs", self.topic.name, exc,
-                            wait_s)
-                if self._stop.wait(wait_s):
+            except Unavailable as exc:
+                if isinstance(exc, BrokerUnavailable):
+                    self._metrics.broker_waits.labels(self.topic.name).inc()
+                pause_s = wait_s if exc.retry_after_s is None else max(0.05, exc.retry_after_s)
+                log.warning("%s while handling %s (%s); retrying in %.1fs", type(exc).__name__, self.topic.name, exc,
+                            pause_s)
+                if self._stop.wait(pause_s):
                     return False
                 wait_s = min(wait_s * 2, 10.0)
 
@@ -248,7 +252,7 @@ class ConsumeLoop:
         return Retrying(
             stop=stop_after_attempt(self._max_attempts) | stop_when_event_set(self._stop),
             wait=wait_exponential(multiplier=self._retry_wait_s, max=5.0),
-            retry=retry_if_not_exception_type((BrokerUnavailable, PublishRejected)),  # waited out / hopeless
+            retry=retry_if_not_exception_type((Unavailable, PublishRejected)),  # waited out / hopeless
             reraise=True,
         )
 
@@ -260,8 +264,8 @@ class ConsumeLoop:
         try:
             retrying(self._handler, items)
             return []
-        except BrokerUnavailable:
-            raise  # not the records' fault: the caller waits for the broker and runs the batch again
+        except Unavailable:
+            raise  # not the records' fault: the caller waits for the broker or endpoint and runs the batch again
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then isolated
             attempts = retrying.statistics.get("attempt_number", 1)
             if len(items) == 1:
@@ -275,7 +279,7 @@ class ConsumeLoop:
             retrying = self._attempts()
             try:
                 retrying(self._handler, [item])
-            except BrokerUnavailable:
+            except Unavailable:
                 raise
             except Exception as exc:  # noqa: BLE001
                 failures.append((item, exc, retrying.statistics.get("attempt_number", 1)))

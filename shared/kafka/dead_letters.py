@@ -41,6 +41,17 @@ def make_dead_letter(topic: str, partition: int, offset: int, key: str | None, v
                       attempts=attempts)
 
 
+def original_value(dead: DeadLetter) -> bytes:
+    """The original record's value, as the dead letter carries it."""
+    return base64.b64decode(dead.payload) if dead.payload_encoding == "base64" else dead.payload.encode("utf-8")
+
+
+def reason_of(dead: DeadLetter) -> str:
+    """A dead letter's reason without its record-specific tail, for counting: the error kind and the
+    error's first two clauses ("handler: judge failed: HTTP 404")."""
+    return f"{dead.error_kind}: {': '.join(dead.error.split(': ')[:2])[:120]}"
+
+
 def publish_dead_letters(producer: EventProducer, dlq: Topic, dead: list[DeadLetter]) -> None:
     """Publish dead letters to `dlq` and wait for the acks. A dead letter wraps the original
     payload, so it can exceed the size limit its record met: such a one goes out with its payload

@@ -32,7 +32,16 @@ RECORD_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecor
                  InvalidTopicError, InvalidTimestampError)
 
 
-class BrokerUnavailable(Exception):
+class Unavailable(Exception):
+    """A dependency a handler needs is down (the broker, the judge endpoint): not the records' fault.
+    The consume loop waits (`retry_after_s` if given, else its own backoff) and runs the batch again."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BrokerUnavailable(Unavailable):
     """Publishing failed for the broker's sake (down, timed out, lost our producer id)."""
 
 
