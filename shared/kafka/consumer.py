@@ -75,6 +75,7 @@ class _DropRevoked(ConsumerRebalanceListener):
         # Records gathered but not yet handled from a revoked partition now belong to
         # another member; drop them (uncommitted, so they are redelivered there).
         self._loop._pending = [r for r in self._loop._pending if (r.topic, r.partition) not in gone]
+        self._loop._carried = [r for r in self._loop._carried if (r.topic, r.partition) not in gone]
         log.info("partitions revoked: %s", sorted(gone))
 
     def on_partitions_assigned(self, assigned):
@@ -111,6 +112,7 @@ class ConsumeLoop:
         self._grace_s = shutdown_grace_s
         self._stop = threading.Event()
         self._pending: list = []
+        self._carried: list = []  # records a keep-alive poll returned while a batch was being handled
         self._metrics = _LoopMetrics.for_registry(registry)
         self.assigned = threading.Event()
         """Set once the group has assigned this member at least one partition."""
@@ -151,7 +153,7 @@ class ConsumeLoop:
                 batch = self._gather(consumer)
                 if not batch:
                     continue
-                if not self._process(batch):
+                if not self._process(batch, consumer):
                     self.abandoned_batches += 1
                     log.warning("abandoned an in-flight batch of %d records uncommitted", len(batch))
                     break
@@ -162,8 +164,8 @@ class ConsumeLoop:
 
     def _gather(self, consumer: KafkaConsumer) -> list:
         """Poll until `batch_size` records or `batch_timeout` after the first record."""
-        self._pending = []
-        first_at: float | None = None
+        self._pending, self._carried = self._carried, []
+        first_at: float | None = time.monotonic() if self._pending else None
         while not self._stop.is_set():
             wait_s = 0.5 if first_at is None else max(0.0, first_at + self._batch_timeout_s - time.monotonic())
             polled = consumer.poll(timeout_ms=int(wait_s * 1000), max_records=self._batch_size - len(self._pending))
@@ -180,8 +182,14 @@ class ConsumeLoop:
             return []  # abandon what was gathered: nothing handled, nothing committed
         return self._pending
 
-    def _process(self, records: list) -> bool:
-        """Decode, handle, dead-letter. Returns False if the batch was abandoned on stop."""
+    def _process(self, records: list, consumer: KafkaConsumer | None = None) -> bool:
+        """Decode, handle, dead-letter. Returns False if the batch was abandoned on stop.
+
+        While the handler works (a generator batch on a busy CPU, an endpoint outage waited out),
+        the loop's own thread keeps polling with its partitions paused: the group then never takes
+        the partitions away for `max_poll_interval_ms` and redelivers a batch that is still being
+        handled. A record such a poll returns anyway (a partition assigned meanwhile) is carried
+        into the next batch, never dropped."""
         valid: list[Received] = []
         dead: list[DeadLetter] = []
         for rec in records:
@@ -203,12 +211,17 @@ class ConsumeLoop:
 
         started = time.monotonic()
         worker = threading.Thread(target=work, name=f"handler-{self.topic.name}", daemon=True)
+        paused = self._pause(consumer)
         worker.start()
-        while not done.wait(0.1):
-            if self._stop.is_set():
-                if not done.wait(self._grace_s):
-                    return False
-                break
+        try:
+            while not done.wait(0.1):
+                if self._stop.is_set():
+                    if not done.wait(self._grace_s):
+                        return False
+                    break
+                self._keep_alive(consumer)
+        finally:
+            self._resume(consumer, paused)
         if not handled.is_set():
             return False  # stopped while the broker was away: nothing is committed, all is redelivered
         if self._stop.is_set() and failures and any(a < self._max_attempts for *_, a in failures):
@@ -229,6 +242,27 @@ class ConsumeLoop:
                             d.error_kind, d.error[:300])
         self._metrics.handled.labels(self.topic.name).inc(len(valid) - len(failures))
         return True
+
+    @staticmethod
+    def _pause(consumer: KafkaConsumer | None) -> list:
+        if consumer is None:
+            return []
+        paused = list(consumer.assignment())
+        consumer.pause(*paused)
+        return paused
+
+    @staticmethod
+    def _resume(consumer: KafkaConsumer | None, paused: list) -> None:
+        if consumer is not None:
+            consumer.resume(*[tp for tp in paused if tp in consumer.assignment()])
+
+    def _keep_alive(self, consumer: KafkaConsumer | None) -> None:
+        """A poll that fetches nothing from the paused partitions but tells the group we are alive."""
+        if consumer is None:
+            return
+        for records in consumer.poll(timeout_ms=0).values():
+            self._carried.extend(records)
+            self._metrics.received.labels(self.topic.name).inc(len(records))
 
     def _until_available(self, step) -> bool:
         """Run `step` until it gets past `Unavailable` (True) or the loop stops (False). A broker or

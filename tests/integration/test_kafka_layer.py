@@ -312,3 +312,29 @@ def test_a_dead_letter_too_large_for_the_broker_goes_out_with_its_payload_cut(ka
         assert huge.model_dump_json()[:100] == dead.payload[:100]
     finally:
         limited.close()
+
+
+def test_a_batch_handled_for_longer_than_the_poll_interval_keeps_its_partitions(kafka, producer):
+    """A generator batch on a busy CPU can take minutes. The loop keeps polling (partitions paused)
+    while its handler works, so the group does not take the partitions away and hand the batch
+    out again: each record is handled once and committed."""
+    topic = PROMPTS.with_prefix(kafka.topic_prefix)
+    quick = kafka.model_copy(update={"max_poll_interval_ms": 6000})
+    events = [prompt(f"slow batch {i}") for i in range(3)]
+
+    class Slow(Collector):
+        def handle(self, batch):
+            if not self.seen:
+                threading.Event().wait(15)  # the handler's own work: 2.5x the poll interval
+            super().handle(batch)
+
+    with Slow(topic, quick, producer, batch_size=3, batch_timeout_ms=500) as c:
+        producer.publish(topic, events)
+        wait_for(lambda: len(c.seen) >= 3, timeout_s=60, what="the slow batch handled")
+        later = prompt("after the slow batch")
+        producer.publish(topic, [later])
+        wait_for(lambda: later.id in {r.event.id for r in c.seen}, timeout_s=30, what="the next record")
+        group = c.loop._group_id
+    assert sorted(r.event.id for r in c.seen) == sorted([e.id for e in events] + [later.id])  # none twice
+    offsets = committed(kafka.bootstrap_servers, group, topic)
+    assert sum(o or 0 for o in offsets.values()) == 4

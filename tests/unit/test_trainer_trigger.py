@@ -59,17 +59,20 @@ def test_the_interval_counts_from_the_last_finished_run_even_after_a_restart(tmp
 
 def test_failed_runs_back_off_exponentially_then_halt_until_an_operator_run(tmp_path):
     backoff = dict(min_new_pairs=3, failure_backoff_s=60, failure_backoff_max_s=300, max_consecutive_failures=4)
-    one = runner_with(tmp_path / "a", None, 3, [run("f1", "failed", timedelta(seconds=30))], **backoff)
+    # NOW is taken at import: a failure "30 s ago" may be minutes ago by the time a loaded machine runs this
+    one = runner_with(tmp_path / "a", None, 3, [run("f1", "failed", timedelta(seconds=30))],
+                      **{**backoff, "failure_backoff_s": 3600, "failure_backoff_max_s": 7200})
     status = one.trigger_status()
     assert status.state == "backing_off" and status.consecutive_failures == 1
-    assert abs((status.next_attempt_at - (NOW + timedelta(seconds=30))).total_seconds()) < 2  # 60 s after it failed
+    assert abs((status.next_attempt_at - (NOW + timedelta(seconds=3570))).total_seconds()) < 2  # 1 h after it failed
     assert one.trigger_reason() is None and "RuntimeError: out of memory" in status.last_error
 
     three = [run(f"f{i}", "failed", timedelta(seconds=200 - i)) for i in range(3)]
-    waits = runner_with(tmp_path / "b", None, 3, three, **backoff).trigger_status()
-    assert waits.state == "backing_off" and waits.consecutive_failures == 3  # 240 s after the last: not yet
-    assert runner_with(tmp_path / "c", None, 3, [run(f"f{i}", "failed", timedelta(seconds=400 - i))
-                                                  for i in range(3)], **backoff).trigger_reason()  # 240 s passed
+    slow = {**backoff, "failure_backoff_s": 3600, "failure_backoff_max_s": 100_000}  # 3 failures: wait 4 h
+    waits = runner_with(tmp_path / "b", None, 3, three, **slow).trigger_status()
+    assert waits.state == "backing_off" and waits.consecutive_failures == 3  # 200 s after the last: not yet
+    assert runner_with(tmp_path / "c", None, 3, [run(f"f{i}", "failed", timedelta(hours=4, seconds=200 - i))
+                                                  for i in range(3)], **slow).trigger_reason()  # 4 h passed
 
     four = [run(f"f{i}", "failed", timedelta(hours=10 - i)) for i in range(4)]
     halted = runner_with(tmp_path / "d", None, 3, four, **backoff)
