@@ -8,7 +8,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 
 from services.trainer.bootstrap import TinyModelSpec, bootstrap_tiny
 from shared.engine import GenerationEngine, GenerationRequest
