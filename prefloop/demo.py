@@ -14,6 +14,7 @@ picks, and rated answers re-judged against fresh samples, are trained on in the 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class DemoPlan:
 
 PLANS = {
     "smollm2": DemoPlan(prompts=64, n=4, max_new_tokens=96, trainer={
-        "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "1", "PREFLOOP_TRAINER_BETA": "0.3",
+        "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "2", "PREFLOOP_TRAINER_BETA": "0.3",
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "110", "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
             '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
         "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",
@@ -142,6 +143,7 @@ class Demo:
         self.say(f"round {round_no}: ingested {len(events)} new training questions (n={self.plan.n} candidates each)")
 
     def play_users(self, round_no: int) -> None:
+        """Users through the gateway, 8 at a time (the gateway batches them): picks of two, then ratings."""
         import openai
 
         plan = self.plan
@@ -150,24 +152,29 @@ class Demo:
                                 headers={"Authorization": f"Bearer {self.stack.api_key}"})
         questions = [e.messages[-1].content for e in self.train_prompts[::-1]]  # from the far end: not this round's
         start = (round_no - 1) * (plan.picks + plan.ratings)
-        picked = 0
-        for q in questions[start:start + plan.picks]:
+
+        def pick(q: str) -> bool:
             out = client.chat.completions.create(model="prefloop", messages=[{"role": "user", "content": q}], n=2,
                                                  max_tokens=plan.max_new_tokens, temperature=1.0)
-            pick = user_pick(out.choices[0].message.content, out.choices[1].message.content)
-            if pick is not None and feedback.post("/v1/feedback", json={"response_id": out.id,
-                                                                        "preferred_index": pick}).status_code == 202:
-                picked += 1
-        for q in questions[start + plan.picks:start + plan.picks + plan.ratings]:
+            choice = user_pick(out.choices[0].message.content, out.choices[1].message.content)
+            return choice is not None and feedback.post("/v1/feedback", json={
+                "response_id": out.id, "preferred_index": choice}).status_code == 202
+
+        def rate(q: str) -> bool:
             out = client.chat.completions.create(model="prefloop", messages=[{"role": "user", "content": q}],
                                                  max_tokens=plan.max_new_tokens)
             text = out.choices[0].message.content
-            rating = 1 if PROFESSIONAL.search(text) else -1
-            if text.strip() and feedback.post("/v1/feedback", json={"response_id": out.id, "choice_index": 0,
-                                                                    "rating": rating}).status_code == 202:
-                self.expected_candidates += 1  # a rating re-queues the prompt with the rated answer
+            return bool(text.strip()) and feedback.post("/v1/feedback", json={
+                "response_id": out.id, "choice_index": 0,
+                "rating": 1 if PROFESSIONAL.search(text) else -1}).status_code == 202
+
+        with ThreadPoolExecutor(8) as users:
+            picked = sum(users.map(pick, questions[start:start + plan.picks]))
+            rated = sum(users.map(rate, questions[start + plan.picks:start + plan.picks + plan.ratings]))
+        feedback.close()
+        self.expected_candidates += rated  # a rating re-queues the prompt with the rated answer
         self.report.gateway_picks += picked
-        self.say(f"users: {picked} picks of two, {plan.ratings} ratings through the gateway")
+        self.say(f"users: {picked} picks of two, {rated} ratings through the gateway")
 
     def run(self) -> DemoReport:
         started = time.monotonic()

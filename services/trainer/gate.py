@@ -6,7 +6,7 @@ and not worse elsewhere.
 - the mean safety score must not fall (beyond `safety_tolerance`);
 - forgetting guards: perplexity on held-out medical question/answer pairs (`medical_qa.jsonl`,
   questions the loop never samples) and on general question/answer pairs rises at most
-  `max_perplexity_increase`;
+  `max_perplexity_increase`, both vs the parent and vs the base (rounds must not add up);
 - length guard: mean answer length drifts at most `max_length_drift`;
 - reported, not gating: held-out preference accuracy, and a run whose reward accuracy is 1.0 from
   the start (seed 003's reward hacking) is flagged.
@@ -77,14 +77,18 @@ class Gate:
                 for v in {new_version, parent, base}}
         with load[new_version]() as new, load[parent]() as old:
             vs_parent = compare(new, old, prompts, judge, sampling, self.answers)
-            ppl = {name: (perplexity(new, conversations), perplexity(old, conversations))
-                   for name, conversations in (("medical", self.medical), ("general", self.general)) if conversations}
+            sets = [(name, c) for name, c in (("medical", self.medical), ("general", self.general)) if c]
+            ppl = {name: [perplexity(new, c), perplexity(old, c)] for name, c in sets}
             accuracy = (preference_accuracy(new, heldout), preference_accuracy(old, heldout)) if heldout else None
             if base == parent:
                 vs_base = vs_parent
+                for values in ppl.values():
+                    values.append(values[1])
             else:
                 with load[base]() as root:
                     vs_base = compare(new, root, prompts, judge, sampling, self.answers)
+                    for name, c in sets:
+                        ppl[name].append(perplexity(root, c))
         return self._decide(vs_parent, vs_base, ppl, accuracy, history, pairs_trained)
 
     def _decide(self, vs_parent: Comparison, vs_base: Comparison, ppl: dict, accuracy, history: list[dict],
@@ -101,11 +105,15 @@ class Gate:
         safety_parent = vs_parent.rubric.get(parent, {}).get("safety")
         if safety_new is not None and safety_parent is not None and safety_new < safety_parent - s.safety_tolerance:
             reasons.append(f"mean safety dropped: {safety_new:.2f} < parent {safety_parent:.2f}")
-        change = {name: new_ppl / old_ppl - 1 for name, (new_ppl, old_ppl) in ppl.items()}
-        for name, delta in change.items():
-            if delta > s.max_perplexity_increase:
-                reasons.append(f"forgetting guard ({name}): held-out perplexity {delta:+.1%} "
-                               f"> {s.max_perplexity_increase:.0%} ({ppl[name][1]:.3f} -> {ppl[name][0]:.3f})")
+        # vs the parent (this run) and vs the base (the lineage): small steps must not add up to forgetting
+        change = {name: values[0] / values[1] - 1 for name, values in ppl.items()}
+        drift = {name: values[0] / values[-1] - 1 for name, values in ppl.items()}
+        for name in ppl:
+            for what, delta, old in (("parent", change[name], ppl[name][1]), ("base", drift[name], ppl[name][-1])):
+                if delta > s.max_perplexity_increase:
+                    reasons.append(f"forgetting guard ({name}, vs {what}): held-out perplexity {delta:+.1%} "
+                                   f"> {s.max_perplexity_increase:.0%} ({old:.3f} -> {ppl[name][0]:.3f})")
+                    break
         len_new, len_parent = vs_parent.mean_tokens.get(new, 0), vs_parent.mean_tokens.get(parent, 0)
         length_change = (len_new / len_parent - 1) if len_parent else None
         if length_change is not None and abs(length_change) > s.max_length_drift:
@@ -130,7 +138,7 @@ class Gate:
             base_safety_mean=vs_base.rubric.get(base, {}).get("safety"),
             pairs_trained=pairs_trained, promoted=not reasons, gate_reasons=reasons + [f"flag: {f}" for f in flags])
         rubric = {**vs_base.rubric, **vs_parent.rubric}
-        details = {"rubric": rubric, "mean_tokens": {**vs_base.mean_tokens, **vs_parent.mean_tokens},
+        details = {"rubric": rubric, "perplexity_vs_base": {k: round(v, 4) for k, v in drift.items()}, "mean_tokens": {**vs_base.mean_tokens, **vs_parent.mean_tokens},
                    "bleu": vs_parent.bleu, "wins": vs_parent.wins, "losses": vs_parent.losses,
                    "abstentions": vs_parent.abstentions, "prompts": vs_parent.prompts,
                    "vs_base": {"wins": vs_base.wins, "losses": vs_base.losses, "abstentions": vs_base.abstentions},

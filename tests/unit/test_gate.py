@@ -38,10 +38,14 @@ def test_a_safety_drop_or_forgetting_or_length_drift_blocks_a_clear_winner(gate)
     winner = dict(wins=45, losses=15)
     less_safe = decide(gate, comparison("v2", "v1", **winner, safety=(6.9, 7.0)))
     assert [r for r in less_safe.summary.gate_reasons if "safety dropped" in r]
-    forgot = decide(gate, comparison("v2", "v1", **winner), ppl={"medical": (10.4, 10.0), "general": (21.2, 20.0)})
+    forgot = decide(gate, comparison("v2", "v1", **winner), ppl={"medical": (10.4, 10.0, 10.0), "general": (21.2, 20.0, 20.0)})
     assert not forgot.passed
-    assert [r.split(":")[0] for r in forgot.summary.gate_reasons] == ["forgetting guard (general)"]
+    assert [r.split(":")[0] for r in forgot.summary.gate_reasons] == ["forgetting guard (general, vs parent)"]
     assert forgot.summary.perplexity_change == 0.04 and forgot.summary.general_perplexity_change == 0.06
+    # each round +4% vs its parent, +8% vs the base: the lineage has forgotten more than the guard allows
+    drifted = decide(gate, comparison("v3", "v2", **winner), ppl={"medical": (10.8, 10.4, 10.0)})
+    assert [r.split(":")[0] for r in drifted.summary.gate_reasons] == ["forgetting guard (medical, vs base)"]
+    assert drifted.details["perplexity_vs_base"] == {"medical": 0.08}
     longer = decide(gate, comparison("v2", "v1", **winner, tokens=(80.0, 60.0)))
     assert not longer.passed and "length guard" in longer.summary.gate_reasons[0]
 
