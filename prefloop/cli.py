@@ -281,10 +281,13 @@ MODEL_HELP = ("model bootstrapped into an empty registry: tiny (the offline toy)
 
 
 def _sigterm_as_interrupt() -> None:
+    """SIGTERM and SIGINT stop the stack cleanly, also when started from a background job, whose
+    SIGINT a non-interactive shell sets to ignored (and children inherit that)."""
     def handler(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @app.command()

@@ -19,7 +19,7 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path):
     """The loop's plumbing on the toy model. Whether the gate promotes the tiny model's versions is
     noise (its gains are within the gate's confidence interval): both outcomes must be reported right."""
     out = tmp_path / "demo"
-    proc = subprocess.run([PREFLOOP, "demo", "--model", "tiny", "--out", str(out), "--rounds", "2", "--prompts", "160"],
+    proc = subprocess.run([PREFLOOP, "demo", "--model", "tiny", "--out", str(out), "--rounds", "2", "--prompts", "80"],
                           capture_output=True, text=True, timeout=1500)
     report = json.loads((out / "report.json").read_text())
     dpo = [v for v in report["versions"] if v["kind"] == "dpo"]

@@ -91,7 +91,7 @@ def test_a_failing_gate_promotes_nothing_and_records_why(kafka, producer, tmp_pa
         run = wait_for(lambda: finished_runs(trainer), 240, "the run", interval_s=1)[0]
         assert run["status"] == "rejected" and run["trigger"] == "POST /train"
         reasons = run["eval_summary"]["gate_reasons"]
-        assert any("threshold 1.01" in r for r in reasons)
+        assert any(r.startswith("win rate vs parent") and "is not above 1" in r for r in reasons)  # min_win_ci_lower=1
         assert run["eval_summary"]["preference_accuracy"] is not None  # held-out pairs were evaluated
         assert registry_copy.current() == "v0001"
         assert registry_copy.get(run["version"]).metrics["eval_summary"]["gate_reasons"] == reasons
