@@ -96,6 +96,7 @@ class AnswerCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False)
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, candidate TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS perplexity (key TEXT PRIMARY KEY, value REAL NOT NULL)")
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Candidate | None:
@@ -106,6 +107,18 @@ class AnswerCache:
     def put(self, key: str, candidate: Candidate) -> None:
         with self._lock, self._db:
             self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, candidate.model_dump_json()))
+
+    def perplexity(self, engine: GenerationEngine, conversations: list[list[dict]]) -> float:
+        """`perplexity()` once per (version, set): a parent's value was its own gate's candidate value."""
+        key = content_id("ppl", {"v": engine.version, "c": conversations, "dtype": str(engine.dtype)})
+        with self._lock:
+            row = self._db.execute("SELECT value FROM perplexity WHERE key = ?", (key,)).fetchone()
+        if row:
+            return row[0]
+        value = perplexity(engine, conversations)
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO perplexity VALUES (?, ?)", (key, value))
+        return value
 
 
 def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: SamplingParams,

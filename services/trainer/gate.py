@@ -26,7 +26,7 @@ from pathlib import Path
 from services.trainer.settings import TrainerSettings
 from shared.alignment_data import general_conversations, health_prompts, medical_conversations
 from shared.engine import GenerationEngine
-from shared.evaluation import AnswerCache, Comparison, EvalPrompt, compare, perplexity, preference_accuracy
+from shared.evaluation import AnswerCache, Comparison, EvalPrompt, compare, preference_accuracy
 from shared.judging.cache import VerdictCache
 from shared.judging.pairwise import PairwiseJudge
 from shared.judging.stats import JudgeStats
@@ -78,7 +78,7 @@ class Gate:
         with load[new_version]() as new, load[parent]() as old:
             vs_parent = compare(new, old, prompts, judge, sampling, self.answers)
             sets = [(name, c) for name, c in (("medical", self.medical), ("general", self.general)) if c]
-            ppl = {name: [perplexity(new, c), perplexity(old, c)] for name, c in sets}
+            ppl = {name: [self.answers.perplexity(new, c), self.answers.perplexity(old, c)] for name, c in sets}
             accuracy = (preference_accuracy(new, heldout), preference_accuracy(old, heldout)) if heldout else None
             if base == parent:
                 vs_base = vs_parent
@@ -88,7 +88,7 @@ class Gate:
                 with load[base]() as root:
                     vs_base = compare(new, root, prompts, judge, sampling, self.answers)
                     for name, c in sets:
-                        ppl[name].append(perplexity(root, c))
+                        ppl[name].append(self.answers.perplexity(root, c))
         return self._decide(vs_parent, vs_base, ppl, accuracy, history, pairs_trained)
 
     def _decide(self, vs_parent: Comparison, vs_base: Comparison, ppl: dict, accuracy, history: list[dict],
