@@ -23,6 +23,7 @@ import torch
 from shared.engine import GenerationEngine, GenerationRequest
 from shared.ids import content_id
 from shared.judging.pairwise import PairwiseJudge
+from shared.torch_thread import on_torch_thread
 from shared.wire import Candidate, ChatMessage, PreferenceEvent, RubricScores, SamplingParams
 
 CRITERIA = tuple(RubricScores.model_fields)
@@ -115,7 +116,7 @@ class AnswerCache:
             row = self._db.execute("SELECT value FROM perplexity WHERE key = ?", (key,)).fetchone()
         if row:
             return row[0]
-        value = perplexity(engine, conversations)
+        value = on_torch_thread(perplexity, engine, conversations)
         with self._lock, self._db:
             self._db.execute("INSERT OR REPLACE INTO perplexity VALUES (?, ?)", (key, value))
         return value

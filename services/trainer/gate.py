@@ -32,6 +32,7 @@ from shared.judging.pairwise import PairwiseJudge
 from shared.judging.stats import JudgeStats
 from shared.observability import new_registry
 from shared.registry import ModelRegistry
+from shared.torch_thread import on_torch_thread
 from shared.wire import EvalSummary, PreferenceEvent, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class Gate:
             vs_parent = compare(new, old, prompts, judge, sampling, self.answers)
             sets = [(name, c) for name, c in (("medical", self.medical), ("general", self.general)) if c]
             ppl = {name: [self.answers.perplexity(new, c), self.answers.perplexity(old, c)] for name, c in sets}
-            accuracy = (preference_accuracy(new, heldout), preference_accuracy(old, heldout)) if heldout else None
+            accuracy = (on_torch_thread(preference_accuracy, new, heldout),
+                        on_torch_thread(preference_accuracy, old, heldout)) if heldout else None
             if base == parent:
                 vs_base = vs_parent
                 for values in ppl.values():

@@ -36,6 +36,7 @@ from services.trainer.trigger import trigger_status
 from shared.outbox import Outbox
 from shared.registry import ModelRegistry, version_number
 from shared.topics import Topic
+from shared.torch_thread import on_torch_thread
 from shared.wire import EvalSummary, ModelUpdatedEvent, PreferenceEvent, RunRecord, TriggerStatus
 
 log = logging.getLogger(__name__)
@@ -235,13 +236,13 @@ class TrainingRunner:
             parent_path = self.registry.verified_path(parent)
             # TrainerSettings carries the DPO fields under the same names.
             config = DPOJobConfig(**{f.name: getattr(s, f.name) for f in fields(DPOJobConfig) if hasattr(s, f.name)})
-            dpo = run_dpo(parent_path, [to_trl_row(e) for e in train], config, run_dir, parent_meta.base_model,
-                          parent=parent, reference_cache=self.reference_cache)
-            merged, tok = merge_adapter(parent_path, dpo.adapter_dir)
-            meta = self.registry.save(merged, tok, kind="dpo", parent=parent, base_model=parent_meta.base_model,
-                                      training_config=dpo.config, snapshot_id=snapshot,
-                                      metrics={"dpo_history": dpo.history, "dpo_steps": dpo.steps,
-                                               "dpo_seconds": dpo.seconds, "run_id": run_id})
+            dpo = on_torch_thread(run_dpo, parent_path, [to_trl_row(e) for e in train], config, run_dir,
+                                  parent_meta.base_model, parent=parent, reference_cache=self.reference_cache)
+            merged, tok = on_torch_thread(merge_adapter, parent_path, dpo.adapter_dir)
+            meta = on_torch_thread(self.registry.save, merged, tok, kind="dpo", parent=parent,
+                                   base_model=parent_meta.base_model, training_config=dpo.config,
+                                   snapshot_id=snapshot, metrics={"dpo_history": dpo.history, "dpo_steps": dpo.steps,
+                                                                  "dpo_seconds": dpo.seconds, "run_id": run_id})
             del merged
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
             gate = self.gate.evaluate(meta.version, parent, heldout=heldout, history=dpo.history,

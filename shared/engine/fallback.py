@@ -15,6 +15,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from shared.engine.scheduler import Job, QueueWorker
+from shared.torch_thread import on_torch_thread
 from shared.wire import Candidate, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class StaticBatcher(QueueWorker):
         rows = [(job, j) for job in jobs for j in range(n)]
         streamer = _BatchStreamer(self.tokenizer, rows, set(self.stop_ids)) if any(j.on_token for j in jobs) else None
         try:
-            outputs = self._generate([j.prompt_ids for j in jobs], sampling, n, streamer)
+            outputs = on_torch_thread(self._generate, [j.prompt_ids for j in jobs], sampling, n, streamer)
         except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
             log.exception("batched generate failed")
             for job in jobs:

@@ -27,6 +27,7 @@ from shared.engine.fallback import StaticBatcher
 from shared.engine.scheduler import ContinuousBatcher, Job
 from shared.engine.types import GenerationRequest, GenerationResult, PromptTooLong, TokenCallback
 from shared.registry import ModelRegistry
+from shared.torch_thread import on_torch_thread
 from shared.wire import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,8 @@ class GenerationEngine:
     def from_path(cls, path: str | Path, version: str, dtype: str = "auto", **kw) -> "GenerationEngine":
         device = pick_device_and_dtype()[0]
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=inference_dtype(dtype, device),
-                                                     use_safetensors=True).to(device)
+        model = on_torch_thread(lambda: AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=inference_dtype(dtype, device), use_safetensors=True).to(device))
         return cls(model, tok, version, **kw)
 
     @property

@@ -22,6 +22,7 @@ import torch
 from shared.engine.decoder import SlotDecoder
 from shared.engine.sampling import RowSampling, sample
 from shared.engine.types import GenerationRequest, GenerationResult, TokenCallback
+from shared.torch_thread import on_torch_thread
 from shared.wire import Candidate
 
 log = logging.getLogger(__name__)
@@ -123,33 +124,49 @@ class ContinuousBatcher(QueueWorker):
         super().__init__(max_rows, on_step)
         self.decoder, self.tokenizer, self.stop_ids = decoder, tokenizer, set(stop_ids)
         self._rows: list[_Row] = []  # index = slot
+        self._pending: Job | None = None  # taken off the queue by the waiting worker, admitted next
 
     def _cancel_running(self) -> None:
         for row in self._rows:
             row.job.cancel()
 
     # -- the worker --------------------------------------------------------------
-    @torch.inference_mode()
     def _work(self) -> None:
+        """Waits for work here; admits and steps on the process's torch thread (shared/torch_thread.py)."""
         while True:
-            try:
-                self._admit(block=not self._rows)
-                if self._rows:
-                    self._step()
-            except Exception as exc:  # noqa: BLE001 - every request in flight learns why; the worker goes on
-                log.exception("generation step failed")
-                self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+            if not self._rows and self._pending is None:
+                try:
+                    self._pending = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    pass
+            if self._rows or self._pending is not None:
+                on_torch_thread(self._iterate)
             with self._lock:
-                if self._closing and not self._rows and self._queue.empty():
+                if self._closing and not self._rows and self._pending is None and self._queue.empty():
                     return
 
-    def _admit(self, block: bool) -> None:
+    @torch.inference_mode()
+    def _iterate(self) -> None:
+        try:
+            self._admit()
+            if self._rows:
+                self._step()
+        except Exception as exc:  # noqa: BLE001 - every request in flight learns why; the worker goes on
+            log.exception("generation step failed")
+            self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _next_job(self) -> Job | None:
+        if self._pending is not None:
+            job, self._pending = self._pending, None
+            return job
+        return self._queue.get_nowait()
+
+    def _admit(self) -> None:
         while len(self._rows) < self.max_rows:
             try:
-                job = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
+                job = self._next_job()
             except queue.Empty:
                 return
-            block = False
             if job is None:
                 continue
             if job.cancelled:

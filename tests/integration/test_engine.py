@@ -112,3 +112,25 @@ def test_other_architectures_use_static_batching():
                                GenerationRequest(ask("see a doctor"), SamplingParams(max_new_tokens=3, seed=1))])
         assert [len(r.candidates) for r in out] == [2, 1]
         assert all(c.completion_tokens <= 5 for r in out for c in r.candidates)
+
+
+def test_every_engine_in_a_process_computes_on_the_one_torch_thread(tiny_registry, monkeypatch):
+    """Two live engines (a hot swap, the gate's new and parent models) must not each run torch on
+    a thread of their own: a second OpenMP team slows the first (shared/torch_thread.py)."""
+    computing: set[str] = set()
+    forward = SlotDecoder.decode
+
+    def recording(self, tokens):
+        computing.add(threading.current_thread().name)
+        return forward(self, tokens)
+
+    monkeypatch.setattr(SlotDecoder, "decode", recording)
+    registry = ModelRegistry(tiny_registry)
+    first, second = (GenerationEngine.from_registry(registry, "v0001") for _ in range(2))
+    try:
+        for engine in (first, second):
+            engine.generate([GenerationRequest(ask("hello there"), SamplingParams(max_new_tokens=6), 2)])
+    finally:
+        first.close()
+        second.close()
+    assert computing == {"torch"}
