@@ -10,10 +10,12 @@ Rows (each says its settings):
 (c) the same pipeline at the seed's batch of 8 prompts.
 The pipeline stops at the same end-of-turn tokens as the engine, so neither runs past an answer.
 
-Then the machine: FLOP/s of a decode-shaped matmul (rows x hidden @ hidden x intermediate, the
-engine's dtype), FLOPs per token = 2 x (non-embedding + lm_head parameters; attention over the
-cache left out), the bound in tokens/s, and the engine's decode tokens/s at 32 sequences (steps
-with all 32 slots busy, prefill excluded: the engine's on_step times decode steps only).
+Every row computes on the process's one torch thread (shared/torch_thread.py), as the services do.
+Then the machine: the best of three 1 s measurements of FLOP/s of a decode-shaped matmul (rows x
+hidden @ hidden x intermediate, the engine's dtype), FLOPs per token = 2 x (non-embedding + lm_head
+parameters; attention over the cache left out), the bound in tokens/s, and the engine's decode
+tokens/s at 32 sequences (steps with all 32 slots busy, prefill excluded: the engine's on_step times
+decode steps only).
 
 Last line: `ratio: X` = candidates/s of (a) over (c).
 
@@ -41,6 +43,7 @@ from services.generator.settings import GeneratorSettings  # noqa: E402
 from shared.alignment_data import health_prompts  # noqa: E402
 from shared.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from shared.registry import ModelRegistry  # noqa: E402
+from shared.torch_thread import on_torch_thread  # noqa: E402
 from shared.wire import PromptEvent, SamplingParams  # noqa: E402
 
 
@@ -155,7 +158,7 @@ def main() -> None:
         shutil.rmtree(work)  # loaded: a registry made for this run is not kept
     from transformers import pipeline
 
-    pipe = pipeline("text-generation", model=engine.model, tokenizer=engine.tokenizer)
+    pipe = on_torch_thread(pipeline, "text-generation", model=engine.model, tokenizer=engine.tokenizer)
     per_call = min(settings.batch_size, len(prompts))  # fewer only when --prompts is below one batch
     per_pass = min(per_call * n, settings.max_batch_sequences)
     service = Row("(a) generator service path", f"batch_size {settings.batch_size} prompts x n {n}, "
@@ -166,11 +169,14 @@ def main() -> None:
                min(8, len(prompts)) * n)
     try:
         engine.generate([GenerationRequest(prompts[0].messages, SamplingParams(max_new_tokens=8), n)])  # warm-up
-        pipe([prompts[0].messages[-1].content], max_new_tokens=8, do_sample=True)
+        # Every row computes on the process's one torch thread, as the engine does: a pipeline
+        # called from another thread would pay for a second OpenMP team (shared/torch_thread.py).
+        on_torch_thread(pipe, [prompts[0].messages[-1].content], max_new_tokens=8, do_sample=True)
         service_path(engine, prompts, settings.batch_size, service)
-        seed_pipeline(pipe, engine, prompts, same.prompts_per_call, same)
-        seed_pipeline(pipe, engine, prompts, seed.prompts_per_call, seed)
-        flops = matmul_flops(engine.model.config, engine.dtype, args.decode_rows)
+        on_torch_thread(seed_pipeline, pipe, engine, prompts, same.prompts_per_call, same)
+        on_torch_thread(seed_pipeline, pipe, engine, prompts, seed.prompts_per_call, seed)
+        flops = max(on_torch_thread(matmul_flops, engine.model.config, engine.dtype, args.decode_rows, 1.0)
+                    for _ in range(3))
         per_token, non_embedding, head = flops_per_token(engine.model)
         decode, full_steps = decode_rate(engine, prompts, args.decode_rows, args.max_new_tokens)
     finally:
