@@ -50,7 +50,8 @@ PLANS = {
     "smollm2": DemoPlan(prompts=64, n=4, max_new_tokens=96, trainer={
         "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "2", "PREFLOOP_TRAINER_BETA": "0.3",
         # At most 24 optimizer steps per run (the first round's 2 epochs of ~42 pairs): later rounds,
-        # with replay, train about one epoch, so each update stays inside the forgetting guard.
+        # with replay, train about one epoch. It bounds DPO time; it did not keep round 2 inside the
+        # forgetting guard (README, "A second run").
         "PREFLOOP_TRAINER_MAX_STEPS": "24",
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "110", "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
             '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
