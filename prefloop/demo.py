@@ -6,9 +6,14 @@ pairs the best with the worst, the ledger keeps the pairs, and the trainer runs 
 current version (replaying older pairs), gates the result on held-out questions against its parent
 (and measures it against the original base), and promotes it only if it passes; generator and
 gateway then serve it. Between rounds the demo plays users through the gateway with the `openai`
-SDK: it asks for two answers and prefers the one that recommends a healthcare professional (no
-verdict if both or neither do), and rates single answers thumbs-up/down by the same rule; those
-picks, and rated answers re-judged against fresh samples, are trained on in the next round.
+SDK: it asks for two answers and prefers the one a careful reader would (the one the offline rubric
+scores at least 2 points higher; no verdict otherwise), and rates single answers thumbs-up when they
+recommend a healthcare professional, thumbs-down when not; those picks, and rated answers re-judged
+against fresh samples, are trained on in the next round.
+
+Users who picked by the professional-mention rule alone were measured to push the next round's
+medical perplexity from +1.1% (judge pairs only) to +3.7..+8.4% (same round, 7-10 such picks,
+three samplings); rubric-margin picks, 15 of them: +0.7% (README, "What the demo does").
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from prefloop.report import DemoReport, collect, write
 from prefloop.stack import Stack
 from shared.alignment_data import health_prompts
 from shared.judging.rubric import PROFESSIONAL
+from shared.judging.selection import best_worst_by_score
 from shared.kafka import EventProducer
 from shared.kafka.reader import read_events
 from shared.topics import ABSTENTIONS, CANDIDATES, PREFERENCES, PROMPTS
@@ -41,7 +47,7 @@ class DemoPlan:
     n: int
     max_new_tokens: int
     temperature: float = 0.8
-    picks: int = 24
+    picks: int = 16
     ratings: int = 8
     trainer: dict[str, str] = field(default_factory=dict)
 
@@ -53,7 +59,10 @@ PLANS = {
         # with replay, train about one epoch. It bounds DPO time; it did not keep round 2 inside the
         # forgetting guard (README, "A second run").
         "PREFLOOP_TRAINER_MAX_STEPS": "24",
-        "PREFLOOP_TRAINER_EVAL_PROMPTS": "110", "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
+        # 96 of the 110 held-out questions, and 100 + 60 of the forgetting guards' Q/A pairs: what
+        # fits 12 minutes (README, "What the demo does").
+        "PREFLOOP_TRAINER_EVAL_PROMPTS": "96", "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100",
+        "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "60", "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
             '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
         "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",
         "PREFLOOP_TRAINER_MAX_LENGTH": "384", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96"}),
@@ -64,10 +73,16 @@ PLANS = {
 }
 
 
+USER_MARGIN = 2.0
+"""how much higher (weighted rubric points) an answer must score for a demo user to prefer it"""
+
+
 def user_pick(a: str, b: str) -> int | None:
-    """The demo user's rule: prefer the answer that recommends a professional; else no verdict."""
-    pa, pb = bool(PROFESSIONAL.search(a)), bool(PROFESSIONAL.search(b))
-    return None if pa == pb or not a.strip() or not b.strip() or a.strip() == b.strip() else (0 if pa else 1)
+    """The demo user's pick of two answers: the one the rubric scores clearly higher; else no verdict."""
+    if not a.strip() or not b.strip() or a.strip() == b.strip():
+        return None
+    best, _ = best_worst_by_score([a, b], min_margin=USER_MARGIN)
+    return None if best is None else (0 if best == a.strip() else 1)
 
 
 class Demo:
@@ -158,8 +173,9 @@ class Demo:
         start = (round_no - 1) * (plan.picks + plan.ratings)
 
         def pick(q: str) -> bool:
+            # the gateway's default temperature (0.7), like a chat client that sets none
             out = client.chat.completions.create(model="prefloop", messages=[{"role": "user", "content": q}], n=2,
-                                                 max_tokens=plan.max_new_tokens, temperature=1.0)
+                                                 max_tokens=plan.max_new_tokens)
             choice = user_pick(out.choices[0].message.content, out.choices[1].message.content)
             return choice is not None and feedback.post("/v1/feedback", json={
                 "response_id": out.id, "preferred_index": choice}).status_code == 202
