@@ -55,10 +55,9 @@ class DemoPlan:
 PLANS = {
     "smollm2": DemoPlan(prompts=64, n=4, max_new_tokens=96, trainer={
         "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "2", "PREFLOOP_TRAINER_BETA": "0.3",
-        # At most 24 optimizer steps per run (the first round's 2 epochs of ~42 pairs): later rounds,
-        # with replay, train about one epoch. It bounds DPO time; it did not keep round 2 inside the
-        # forgetting guard (README, "A second run").
-        "PREFLOOP_TRAINER_MAX_STEPS": "24",
+        # At most 32 optimizer steps per run (round 1's 2 epochs of ~42 pairs take 21): round 2, with
+        # replay, trains about 1.6 epochs. 24 steps left round 2 short of the goal (README).
+        "PREFLOOP_TRAINER_MAX_STEPS": "32",
         # 96 of the 110 held-out questions, and 100 + 60 of the forgetting guards' Q/A pairs: what
         # fits 12 minutes (README, "What the demo does").
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "96", "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100",

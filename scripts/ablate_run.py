@@ -1,0 +1,105 @@
+"""Retrain one finished run of a demo (or any trainer state) with and without its pairs of one source.
+
+Which pairs move the forgetting guard? This takes a run from `STATE/runs/runs.jsonl`, rebuilds the
+exact pairs it trained on (its new pairs in ledger order, then the replayed older pairs in the
+trainer's seeded sample order), and trains them again from the run's parent with the run's own
+training configuration (the trainer's DPO path), once as they were and once per `--without` source
+(`user`, `judge`, `human`) left out. Printed per variant: pairs, medical and general held-out
+perplexity change vs the parent (the gate's two forgetting sets at the sizes given), DPO seconds.
+DPO on one thread is deterministic here, so the `all` row reproduces the run's own figure.
+
+usage: .venv/bin/python scripts/ablate_run.py --state demo-out/state --run 2 [--without user]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo  # noqa: E402
+from services.trainer.ledger import PreferenceLedger, to_trl_row  # noqa: E402
+from shared.alignment_data import general_conversations, medical_conversations  # noqa: E402
+from shared.engine import GenerationEngine  # noqa: E402
+from shared.evaluation import perplexity  # noqa: E402
+from shared.registry import ModelRegistry  # noqa: E402
+
+
+def finished_runs(state: Path) -> list[dict]:
+    """The last record of each run, in start order."""
+    last: dict[str, dict] = {}
+    for line in (state / "runs" / "runs.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        last[record["run_id"]] = record
+    return [r for r in last.values() if r["status"] != "running"]
+
+
+def run_pairs(state: Path, index: int, runs: list[dict], seed: int) -> tuple[list, dict]:
+    """The pairs run `index` (0-based) trained on, in the order the trainer gave them to DPO."""
+    run = runs[index]
+    ledger = PreferenceLedger(state / "ledger")
+    events = list(ledger.events())
+    trained = set(ledger.snapshot_ids(run["snapshot_id"]))
+    new_ids = run["new_pair_ids"]
+    by_id = {e.id: e for e in events}
+    last_new = max(i for i, e in enumerate(events) if e.id in set(new_ids))
+    older = [e for e in events[:last_new + 1] if e.id not in set(new_ids) and e.split == "train"]
+    replay = random.Random(f"{seed}-{index}").sample(older, run["pairs_replay"]) if run["pairs_replay"] else []
+    if {e.id for e in replay} | set(new_ids) != trained:  # older ledgers, other settings: fall back to the set
+        replay = [by_id[i] for i in sorted(trained - set(new_ids))]
+        print("note: replay order not reproduced (the snapshot's set is used, in id order)", flush=True)
+    return [by_id[i] for i in new_ids if i in trained] + replay, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--state", type=Path, required=True, help="a demo's state directory (registry, ledger, runs)")
+    ap.add_argument("--run", type=int, required=True, help="which finished run, 1-based")
+    ap.add_argument("--without", nargs="*", default=["user"], help="pair sources to leave out, one variant each")
+    ap.add_argument("--work", type=Path, default=ROOT / "var" / "ablation")
+    ap.add_argument("--medical", type=int, default=150, help="held-out medical Q/A pairs")
+    ap.add_argument("--general", type=int, default=100, help="general Q/A pairs")
+    args = ap.parse_args()
+    runs = finished_runs(args.state)
+    source_registry = ModelRegistry(args.state / "registry")
+    config_fields = source_registry.get(runs[args.run - 1]["version"]).training_config
+    config = DPOJobConfig(**{k: v for k, v in config_fields.items() if k in DPOJobConfig.__dataclass_fields__})
+    pairs, run = run_pairs(args.state, args.run - 1, runs, config.seed)
+    parent = run["parent"]
+    work = args.work / f"{args.state.resolve().name}-run{args.run}"
+    registry_dir = work / "registry"
+    if not registry_dir.exists():  # a private copy: the ablation never writes into the state it reads
+        registry_dir.mkdir(parents=True)
+        shutil.copytree(args.state / "registry" / parent, registry_dir / parent)
+    registry = ModelRegistry(registry_dir)
+    base_model = registry.get(parent).base_model
+    medical, general = medical_conversations(args.medical), general_conversations(args.general)
+    with GenerationEngine.from_registry(registry, parent) as engine:
+        before = perplexity(engine, medical), perplexity(engine, general)
+    print(f"run {args.run}: {run['version']} from {parent}, {len(pairs)} pairs, max steps {config.max_steps}", flush=True)
+    lines = [f"{'variant':<16} {'pairs':>5} {'ppl medical':>11} {'ppl general':>11} {'dpo s':>6}"]
+    for variant in ["all", *args.without]:
+        rows = [to_trl_row(e) for e in pairs if variant == "all" or e.source != variant]
+        started = time.monotonic()
+        dpo = run_dpo(registry.verified_path(parent), rows, config, work / "runs" / variant, base_model, parent=parent)
+        merged, tok = merge_adapter(registry.verified_path(parent), dpo.adapter_dir)
+        version = registry.save(merged, tok, kind="dpo", parent=parent, base_model=base_model,
+                                training_config={"ablation": variant}).version
+        with GenerationEngine.from_registry(registry, version) as engine:
+            after = perplexity(engine, medical), perplexity(engine, general)
+        name = "all pairs" if variant == "all" else f"without {variant}"
+        lines.append(f"{name:<16} {len(rows):>5} {after[0] / before[0] - 1:>+11.1%} "
+                     f"{after[1] / before[1] - 1:>+11.1%} {time.monotonic() - started:>6.0f}")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
