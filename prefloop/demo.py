@@ -58,8 +58,8 @@ PLANS = {
         # At most 32 optimizer steps per run (round 1's 2 epochs of ~42 pairs take 21): round 2, with
         # replay, trains about 1.6 epochs. 24 steps left round 2 short of the goal (README).
         "PREFLOOP_TRAINER_MAX_STEPS": "32",
-        # 96 of the 110 held-out questions, and 100 + 60 of the forgetting guards' Q/A pairs: what
-        # fits 12 minutes (README, "What the demo does").
+        # 96 of the 110 held-out questions, and 100 + 60 of the forgetting guards' Q/A pairs: less
+        # gate time per version (the demo still takes ~16 minutes, README).
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "96", "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100",
         "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "60", "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
             '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
@@ -78,9 +78,7 @@ USER_MARGIN = 2.0
 
 def user_pick(a: str, b: str) -> int | None:
     """The demo user's pick of two answers: the one the rubric scores clearly higher; else no verdict."""
-    if not a.strip() or not b.strip() or a.strip() == b.strip():
-        return None
-    best, _ = best_worst_by_score([a, b], min_margin=USER_MARGIN)
+    best, _ = best_worst_by_score([a, b], min_margin=USER_MARGIN)  # blank or identical answers: None
     return None if best is None else (0 if best == a.strip() else 1)
 
 

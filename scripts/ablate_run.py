@@ -6,7 +6,7 @@ trainer's seeded sample order), and trains them again from the run's parent with
 training configuration (the trainer's DPO path), once as they were and once per `--without` source
 (`user`, `judge`, `human`) left out. Printed per variant: pairs, medical and general held-out
 perplexity change vs the parent (the gate's two forgetting sets at the sizes given), DPO seconds.
-DPO on one thread is deterministic here, so the `all` row reproduces the run's own figure.
+The `all` row is the run retrained: compare it with the run's own gate figure before reading the rest.
 
 usage: .venv/bin/python scripts/ablate_run.py --state demo-out/state --run 2 [--without user]
 """
@@ -48,12 +48,15 @@ def run_pairs(state: Path, index: int, runs: list[dict], seed: int) -> tuple[lis
     events = list(ledger.events())
     trained = set(ledger.snapshot_ids(run["snapshot_id"]))
     new_ids = run["new_pair_ids"]
+    new = set(new_ids)
     by_id = {e.id: e for e in events}
-    last_new = max(i for i, e in enumerate(events) if e.id in set(new_ids))
-    older = [e for e in events[:last_new + 1] if e.id not in set(new_ids) and e.split == "train"]
-    replay = random.Random(f"{seed}-{index}").sample(older, run["pairs_replay"]) if run["pairs_replay"] else []
-    if {e.id for e in replay} | set(new_ids) != trained:  # older ledgers, other settings: fall back to the set
-        replay = [by_id[i] for i in sorted(trained - set(new_ids))]
+    last_new = max(i for i, e in enumerate(events) if e.id in new)
+    older = [e for e in events[:last_new + 1] if e.id not in new and e.split == "train"]
+    # the trainer seeds its replay sample with the number of runs recorded, this one included
+    rng = random.Random(f"{seed}-{index + 1}")
+    replay = rng.sample(older, run["pairs_replay"]) if run["pairs_replay"] else []
+    if {e.id for e in replay} | new != trained:  # other settings (stale_versions, ...): fall back to the set
+        replay = [by_id[i] for i in sorted(trained - new)]
         print("note: replay order not reproduced (the snapshot's set is used, in id order)", flush=True)
     return [by_id[i] for i in new_ids if i in trained] + replay, run
 
