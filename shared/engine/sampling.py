@@ -2,9 +2,9 @@
 and an optional seed each, applied together to the logits of one decode step.
 
 Top-p needs the probabilities in descending order. Sorting the whole vocabulary (49k for
-SmolLM2) for every row and step is the expensive part, so rows look at their `CANDIDATES` most
-likely tokens first; a row whose nucleus does not fit in them (a flat distribution) is sorted in
-full. Rows with neither top-k nor top-p sample from the whole softmax. All of it is exact.
+SmolLM2) for every row and step is the expensive part, so rows look at their most likely tokens
+in growing windows (`WINDOWS`); a row whose nucleus fits in none (a flat distribution) is sorted
+in full. Rows with neither top-k nor top-p sample from the whole softmax. All of it is exact.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-CANDIDATES = 1024
+WINDOWS = (64, 1024)
+"""how many of a row's most likely tokens are looked at first, then next: a partial top-k is
+cheap (64 of 49k: 1 ms for 32 rows, 1024: 7.5 ms, a full sort more), and a chat model's nucleus
+is usually inside the first window"""
+CANDIDATES = WINDOWS[-1]
 
 
 @dataclass(frozen=True)
@@ -25,15 +29,40 @@ class RowSampling:
     """a seeded request's own generator (one per sampled sequence); None: the engine's"""
 
 
+def _candidates(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's most likely tokens, descending, enough of them to hold its top-k and its nucleus:
+    the smallest window that does, else the whole vocabulary sorted. Narrower rows are padded
+    with probability 0."""
+    vocab = probs.shape[-1]
+    rows = probs.shape[0]
+    values = ids = None
+    todo = torch.arange(rows, device=probs.device)
+    for window in (*(w for w in WINDOWS if w < vocab), vocab):
+        part = probs if len(todo) == rows else probs.index_select(0, todo)
+        if window < vocab:
+            v, i = part.topk(window, dim=-1)
+            k = top_k[todo]
+            fits = (v.sum(-1) >= top_p[todo]) | (k.gt(0) & k.le(window))
+        else:
+            v, i = part.sort(dim=-1, descending=True)
+            fits = torch.ones(len(todo), dtype=torch.bool, device=probs.device)
+        if values is None:
+            values = probs.new_zeros(rows, window)
+            ids = torch.zeros(rows, window, dtype=torch.long, device=probs.device)
+        elif window > values.shape[-1]:
+            values = torch.nn.functional.pad(values, (0, window - values.shape[-1]))
+            ids = torch.nn.functional.pad(ids, (0, window - ids.shape[-1]))
+        done = todo[fits]
+        values[done, :window], ids[done, :window] = v[fits], i[fits]
+        todo = todo[~fits]
+        if not len(todo):
+            break
+    return values, ids
+
+
 def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted probabilities with everything outside top-k / the nucleus zeroed, and their token ids."""
-    k = min(probs.shape[-1], CANDIDATES)
-    values, ids = probs.topk(k, dim=-1)
-    fits = (values.sum(-1) >= top_p) | (top_k.clamp(min=0).le(k) & top_k.gt(0))
-    if not bool(fits.all()):
-        full_values, full_ids = probs.sort(dim=-1, descending=True)
-        values = torch.where(fits[:, None], torch.nn.functional.pad(values, (0, probs.shape[-1] - k)), full_values)
-        ids = torch.where(fits[:, None], torch.nn.functional.pad(ids, (0, probs.shape[-1] - k)), full_ids)
+    values, ids = _candidates(probs, top_k, top_p)
     rank = torch.arange(values.shape[-1], device=probs.device)[None]
     keep = torch.ones_like(values, dtype=torch.bool)
     keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
@@ -41,6 +70,23 @@ def _truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> 
     keep &= before < top_p[:, None]
     keep[:, 0] = True  # the most likely token always stays (top_p may underflow to 0 in float32)
     return values * keep, ids
+
+
+def _draw(weights: torch.Tensor, rows: list[RowSampling], default: torch.Generator | None) -> list[int]:
+    """One column per row of `weights` [rows, width] (unnormalized, >= 0), by inverse CDF: a uniform
+    draw per row from the row's own generator (rows without one share one batched draw), then one
+    batched search. Same distribution as torch.multinomial, without a call per row."""
+    u = torch.empty(len(rows))
+    shared = [j for j, r in enumerate(rows) if r.generator is None]
+    if shared:
+        u[shared] = torch.rand(len(shared), generator=default)
+    for j, r in enumerate(rows):
+        if r.generator is not None:
+            u[j] = torch.rand(1, generator=r.generator)[0]
+    cdf = weights.cumsum(-1)
+    target = u.to(weights.device, weights.dtype) * cdf[:, -1]
+    picks = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]  # first column whose cdf > target
+    return picks.clamp(max=weights.shape[-1] - 1).tolist()
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampling], default: torch.Generator | None = None) -> list[int]:
@@ -51,12 +97,21 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], default: torch.Generat
     top_p = torch.tensor([r.top_p for r in rows], device=logits.device)
     truncating = (top_k > 0) | (top_p < 1.0)
     out: list[int] = [0] * len(rows)
-    if bool(truncating.any()):
-        index = truncating.nonzero()[:, 0]
-        values, ids = _truncate(probs[index], top_k[index], top_p[index])
-        for j, i in enumerate(index.tolist()):
-            pick = torch.multinomial(values[j], 1, generator=rows[i].generator or default)
-            out[i] = int(ids[j, pick])
-    for i in (~truncating).nonzero()[:, 0].tolist():
-        out[i] = int(torch.multinomial(probs[i], 1, generator=rows[i].generator or default))
+    if bool(truncating.all()):
+        groups = [(list(range(len(rows))), True)]
+    else:
+        groups = [(truncating.nonzero()[:, 0].tolist(), True), ((~truncating).nonzero()[:, 0].tolist(), False)]
+    for index, truncate in groups:
+        if not index:
+            continue
+        part = probs if len(index) == len(rows) else probs.index_select(0, torch.tensor(index, device=probs.device))
+        if truncate:
+            picked = torch.tensor(index, device=probs.device)
+            values, ids = _truncate(part, top_k[picked], top_p[picked])
+            columns = _draw(values, [rows[i] for i in index], default)
+            tokens = ids[torch.arange(len(index), device=ids.device), torch.tensor(columns, device=ids.device)].tolist()
+        else:
+            tokens = _draw(part, [rows[i] for i in index], default)
+        for i, token in zip(index, tokens):
+            out[i] = int(token)
     return out

@@ -58,31 +58,47 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
 
 def test_requests_with_different_settings_share_steps_and_leave_when_done(tiny_registry):
     steps: list[int] = []
-    engine = GenerationEngine.from_registry(ModelRegistry(tiny_registry), on_step=lambda rows, s: steps.append(rows))
+    joined: list = []
+
+    def on_step(rows: int, seconds: float) -> None:
+        steps.append(rows)
+        if len(steps) == 1:  # the long request is decoding: the short one arrives between two steps
+            joined.append(engine.submit(GenerationRequest(ask("Hi"), SamplingParams(
+                max_new_tokens=3, temperature=1.3, top_k=5, top_p=0.5), n=1)))
+
+    engine = GenerationEngine.from_registry(ModelRegistry(tiny_registry), on_step=on_step)
     assert engine.batching == "continuous"
     with engine:
         long = engine.submit(GenerationRequest(ask("Tell me about sleep."), SamplingParams(max_new_tokens=120), n=2))
-        wait_for(lambda: steps, 30, "the long request decoding")
-        short = engine.submit(GenerationRequest(ask("Hi"), SamplingParams(max_new_tokens=3, temperature=1.3,
-                                                                           top_k=5, top_p=0.5), n=1))
-        result = short.future.result(timeout=60)
-        assert not long.future.done()  # it joined a running batch and finished first
-        assert len(result.candidates) == 1 and result.candidates[0].completion_tokens <= 3
-        assert max(steps) == 3  # 2 rows of the long request + 1 of the short one in the same steps
-        assert len(long.future.result(timeout=120).candidates) == 2
+        wait_for(lambda: joined, 30, "the short request joining")
+        short = joined[0].future.result(timeout=60)
+        long_result = long.future.result(timeout=120)
+    assert len(short.candidates) == 1 and short.candidates[0].completion_tokens <= 3
+    assert len(long_result.candidates) == 2
+    assert steps[0] == 2 and max(steps) == 3  # the short row decoded in the same steps as the long ones
+    assert 1 <= steps.count(3) <= 2  # and left after its last token (the first came from its prefill)
+    tokens = sum(c.completion_tokens for c in short.candidates + long_result.candidates)
+    assert sum(steps) == tokens - 3  # every step made one token per active row, and only those
 
 
 def test_a_cancelled_request_leaves_at_the_next_step(tiny_registry):
     steps: list[int] = []
-    with GenerationEngine.from_registry(ModelRegistry(tiny_registry), on_step=lambda rows, s: steps.append(rows)) as e:
+    cancel_after_first_step: list = []
+
+    def on_step(rows: int, seconds: float) -> None:
+        steps.append(rows)
+        for job in cancel_after_first_step:
+            job.cancel()  # the client goes away while its rows are decoding
+
+    with GenerationEngine.from_registry(ModelRegistry(tiny_registry), on_step=on_step) as e:
         job = e.submit(GenerationRequest(ask("Tell me everything about headaches."),
                                          SamplingParams(max_new_tokens=400), n=3))
-        wait_for(lambda: steps, 30, "decoding")
-        job.cancel()
+        cancel_after_first_step.append(job)
         assert job.future.result(timeout=30).error == "cancelled"
+        cancelled_at = len(steps)
         other = e.submit(GenerationRequest(ask("Hi"), SamplingParams(max_new_tokens=5), n=1))
         assert other.future.result(timeout=30).candidates
-        assert steps[-1] == 1  # the cancelled rows are gone
+    assert steps[cancelled_at:] and set(steps[cancelled_at:]) == {1}  # the cancelled rows are gone
 
 
 def test_seeded_requests_repeat_and_streams_add_up_to_the_result(tiny_registry):
