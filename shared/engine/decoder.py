@@ -232,7 +232,9 @@ class SlotDecoder:
         length = self.length
         x = self.embed(tokens.to(self.device))  # [n, hidden]
         cos, sin = (t[:, 0, None] for t in self.rotary(x, positions[:, None]))  # [n, 1, d]
-        masked = (torch.arange(length, device=self.device)[None] > positions[:, None])[:, None, None]
+        beyond = torch.arange(length, device=self.device)[None] > positions[:, None]  # [n, length]
+        mask = torch.zeros(n, length, dtype=torch.float32, device=self.device).masked_fill_(beyond, float("-inf"))
+        mask = mask.repeat_interleave(h, 0)[:, None]  # [n * kv_heads, 1, length], added to the scores
         rows = torch.arange(n, device=self.device)
         kv_rows = (rows[:, None] * h + torch.arange(h, device=self.device)[None]).reshape(-1)
         kv_pos = positions.repeat_interleave(h)
@@ -241,9 +243,9 @@ class SlotDecoder:
             self.k[i, kv_rows, kv_pos] = k.reshape(n * h, d)
             self.v[i, kv_rows, kv_pos] = v.reshape(n * h, d)
             keys, values = self.k[i, :n * h], self.v[i, :n * h]  # contiguous: no copy
-            scores = torch.bmm(q.reshape(n * h, self.group, d), keys.transpose(1, 2)).view(n, h, self.group, length)
-            weights = (scores.float() * self.scaling).masked_fill(masked, float("-inf")).softmax(-1).to(self.dtype)
-            o = torch.bmm(weights.view(n * h, self.group, length), values).reshape(n, self.heads * d)
+            scores = torch.bmm(q.reshape(n * h, self.group, d), keys.transpose(1, 2))  # [n * kv_heads, group, length]
+            weights = scores.float().mul_(self.scaling).add_(mask).softmax(-1).to(self.dtype)
+            o = torch.bmm(weights, values).reshape(n, self.heads * d)
             x = self._finish_layer(i, x, o)
         self.positions = positions + 1
         return self.head(self.norm(x)).float()
