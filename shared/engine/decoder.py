@@ -51,7 +51,8 @@ class Projection:
     torch.compile's CPU freezing does: a plain weight is re-laid-out inside every call, and on
     SmolLM2's decode shapes the packed matmul was 1.3-2.4x faster (1 to 32 rows, bf16 and fp32;
     benchmarks/generation.py). The packed copy costs the projections' size again in memory; the
-    model's own weights stay as they are (its forward still uses them). Elsewhere, and for
+    model's own weights stay as they are (its forward still uses them), and the copy is taken once:
+    an engine's model is loaded for it and never trained in place. Elsewhere, and for
     anything but a plain nn.Linear (quantized, adapter-wrapped), the modules run themselves."""
 
     def __init__(self, *linears: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 import torch
 
-from shared.engine.sampling import CANDIDATES, RowSampling, sample
+from shared.engine.sampling import CANDIDATES, WINDOWS, RowSampling, sample
 
 
 def draws(logits: torch.Tensor, row: RowSampling, times: int = 400) -> set[int]:
@@ -49,3 +49,21 @@ def test_a_rows_generator_makes_it_reproducible_whatever_else_is_sampled():
         return [sample(logits, [mine, other])[0] for _ in range(20)]
 
     assert run(0.5) == run(1.5)
+
+
+def test_a_top_k_wider_than_the_first_window_keeps_all_its_tokens():
+    logits = -torch.arange(5000, dtype=torch.float32) * 1e-3  # nearly flat, strictly descending
+    torch.manual_seed(3)
+    picks = draws(logits, RowSampling(temperature=1.0, top_k=100), 2000)
+    assert max(picks) < 100 and max(picks) >= WINDOWS[0]  # the 100, not the first window's 64
+
+
+def test_seeded_and_unseeded_rows_drawn_together_follow_their_distributions():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]] * 2))
+    rows = [RowSampling(temperature=1.0, generator=torch.Generator().manual_seed(5)), RowSampling(temperature=1.0)]
+    torch.manual_seed(4)
+    counts = torch.zeros(2, 3)
+    for _ in range(3000):
+        for i, token in enumerate(sample(logits, rows)):
+            counts[i, token] += 1
+    assert torch.allclose(counts / 3000, torch.tensor([[0.6, 0.3, 0.1]] * 2), atol=0.04)
