@@ -14,9 +14,9 @@ class GeneratorSettings(ServiceSettings):
     group_id: str = "prefloop-generator"
     http_port: int = 8101
     registry_dir: str = Field("var/registry", description="model registry root")
-    batch_size: int = Field(32, ge=1, description="prompts per handled batch (x n sequences decoded together)")
+    batch_size: int = Field(64, ge=1, description="prompts per handled batch (x n sequences decoded together)")
     batch_timeout_ms: int = Field(500, ge=0)
-    max_batch_sequences: int = Field(64, ge=1, description="sequences (prompts x n) decoded together")
+    max_batch_sequences: int = Field(128, ge=1, description="sequences (prompts x n) decoded together")
     registry_check_s: float = Field(30.0, gt=0, description="how often to converge on the registry's current "
                                     "version besides model-update events")
     engine: EngineSettings = Field(default_factory=EngineSettings)
