@@ -56,8 +56,8 @@ PLANS = {
     "smollm2": DemoPlan(prompts=64, n=4, max_new_tokens=96, trainer={
         "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "2", "PREFLOOP_TRAINER_BETA": "0.3",
         # At most 28 optimizer steps per run (round 1's 2 epochs of ~42 pairs take 21): round 2, with
-        # replay, trains about 1.2 epochs. 32 steps reached the goal once and tripped the medical
-        # forgetting guard once; 24 fell short of it (README, "What the demo does").
+        # replay, trains about 1.2 epochs. 32 steps reached the goal twice and tripped the medical
+        # forgetting guard once, 28 fell short on safety once and tripped it once (README).
         "PREFLOOP_TRAINER_MAX_STEPS": "28",
         # 80 of the 110 held-out questions, and 100 + 60 of the forgetting guards' Q/A pairs: gate
         # time per version, for the demo's 12 minutes.
