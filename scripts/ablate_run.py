@@ -4,16 +4,20 @@ Which pairs move the forgetting guard? This takes a run from `STATE/runs/runs.js
 exact pairs it trained on (its new pairs in ledger order, then the replayed older pairs in the
 trainer's seeded sample order), and trains them again from the run's parent with the run's own
 training configuration (the trainer's DPO path), once as they were and once per `--without` source
-(`user`, `judge`, `human`) left out. Printed per variant: pairs, medical and general held-out
-perplexity change vs the parent (the gate's two forgetting sets at the sizes given), DPO seconds.
-The `all` row is the run retrained: compare it with the run's own gate figure before reading the rest.
+(`user`, `judge`, `human`) left out, and each of those once per `--reference` (the DPO reference:
+the run's parent, or the lineage's root). Printed per variant: pairs, medical and general held-out
+perplexity change vs the parent and vs the root (the gate's two forgetting sets at the sizes
+given), DPO seconds. The `all` row with the run's own reference is the run retrained: compare it
+with the run's own gate figure before reading the rest.
 
 usage: .venv/bin/python scripts/ablate_run.py --state demo-out/state --run 2 [--without user]
+       [--reference parent root]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -69,6 +73,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "ablation")
     ap.add_argument("--medical", type=int, default=150, help="held-out medical Q/A pairs")
     ap.add_argument("--general", type=int, default=100, help="general Q/A pairs")
+    ap.add_argument("--reference", nargs="*", choices=["parent", "root"], help="DPO references to train with "
+                    "(default: the run's own)")
     args = ap.parse_args()
     runs = finished_runs(args.state)
     source_registry = ModelRegistry(args.state / "registry")
@@ -78,28 +84,43 @@ def main() -> None:
     parent = run["parent"]
     work = args.work / f"{args.state.resolve().name}-run{args.run}"
     registry_dir = work / "registry"
-    if not registry_dir.exists():  # a private copy: the ablation never writes into the state it reads
-        registry_dir.mkdir(parents=True)
-        shutil.copytree(args.state / "registry" / parent, registry_dir / parent)
+    lineage = [parent]
+    while (up := source_registry.get(lineage[-1]).parent) is not None:
+        lineage.append(up)
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    for version in lineage:  # a private copy: the ablation never writes into the state it reads
+        if not (registry_dir / version).exists():
+            shutil.copytree(args.state / "registry" / version, registry_dir / version)
     registry = ModelRegistry(registry_dir)
+    root = lineage[-1]
     base_model = registry.get(parent).base_model
     medical, general = medical_conversations(args.medical), general_conversations(args.general)
-    with GenerationEngine.from_registry(registry, parent) as engine:
-        before = perplexity(engine, medical), perplexity(engine, general)
-    print(f"run {args.run}: {run['version']} from {parent}, {len(pairs)} pairs, max steps {config.max_steps}", flush=True)
-    lines = [f"{'variant':<16} {'pairs':>5} {'ppl medical':>11} {'ppl general':>11} {'dpo s':>6}"]
-    for variant in ["all", *args.without]:
+    before = {}
+    for version in dict.fromkeys([parent, root]):
+        with GenerationEngine.from_registry(registry, version) as engine:
+            before[version] = perplexity(engine, medical), perplexity(engine, general)
+    before.setdefault(root, before[parent])
+    print(f"run {args.run}: {run['version']} from {parent} (root {root}), {len(pairs)} pairs, "
+          f"max steps {config.max_steps}, reference {config.reference}", flush=True)
+    lines = [f"{'variant':<24} {'pairs':>5} {'medical vs parent':>17} {'general vs parent':>17} "
+             f"{'medical vs root':>15} {'general vs root':>15} {'dpo s':>6}"]
+    references = args.reference or [config.reference]
+    for variant, reference in [(v, r) for v in ["all", *args.without] for r in references]:
         rows = [to_trl_row(e) for e in pairs if variant == "all" or e.source != variant]
         started = time.monotonic()
-        dpo = run_dpo(registry.verified_path(parent), rows, config, work / "runs" / variant, base_model, parent=parent)
+        name = ("all pairs" if variant == "all" else f"without {variant}") + f", ref {reference}"
+        dpo = run_dpo(registry.verified_path(parent), rows, dataclasses.replace(config, reference=reference),
+                      work / "runs" / name.replace(" ", "_").replace(",", ""), base_model, parent=parent,
+                      reference=(root, registry.verified_path(root)) if reference == "root" and root != parent
+                      else None)
         merged, tok = merge_adapter(registry.verified_path(parent), dpo.adapter_dir)
         version = registry.save(merged, tok, kind="dpo", parent=parent, base_model=base_model,
-                                training_config={"ablation": variant}).version
+                                training_config={"ablation": name}).version
         with GenerationEngine.from_registry(registry, version) as engine:
             after = perplexity(engine, medical), perplexity(engine, general)
-        name = "all pairs" if variant == "all" else f"without {variant}"
-        lines.append(f"{name:<16} {len(rows):>5} {after[0] / before[0] - 1:>+11.1%} "
-                     f"{after[1] / before[1] - 1:>+11.1%} {time.monotonic() - started:>6.0f}")
+        change = [after[i] / before[v][i] - 1 for v in (parent, root) for i in (0, 1)]
+        lines.append(f"{name:<24} {len(rows):>5} {change[0]:>+17.1%} {change[1]:>+17.1%} {change[2]:>+15.1%} "
+                     f"{change[3]:>+15.1%} {time.monotonic() - started:>6.0f}")
         print(lines[-1], flush=True)
     print("\n".join(lines))
 

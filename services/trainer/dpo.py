@@ -3,7 +3,8 @@
 Defaults are seed 001's: beta 0.1, lr 5e-5 cosine, warmup 0.03, max_grad_norm 0.3, batch 2 x
 grad-accum 2, 1 epoch, LoRA r 16 / alpha 32 / dropout 0.05 on q_proj+v_proj, paged_adamw_8bit
 (on CUDA; adamw_torch on CPU, where paged optimizers do not exist). The reference model is
-the parent with the adapter disabled, or precomputed reference log-probs when configured.
+the parent with the adapter disabled, or precomputed reference log-probs when configured; with
+`reference="root"` it is the lineage's first version, loaded beside the policy.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class DPOJobConfig:
     beta: float = 0.1
     sft_weight: float = 0.0
     """RPO: add this times the chosen answers' per-token NLL to the DPO loss (0: plain DPO)"""
+    reference: Literal["parent", "root"] = "parent"
+    """the DPO reference: the run's parent, or the lineage's root (every round anchored to the base)"""
     learning_rate: float | None = None
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
@@ -107,16 +110,18 @@ def load_policy(path: Path, quantization: str):
 
 
 def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path,
-            base_model: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None
-            ) -> DPOResult:
-    """Train a LoRA adapter on conversational preference rows (prompt/chosen/rejected)."""
+            base_model: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None,
+            reference: tuple[str, Path] | None = None) -> DPOResult:
+    """Train a LoRA adapter on conversational preference rows (prompt/chosen/rejected).
+    `reference`: (version, path) of a reference model other than the parent (`config.reference="root"`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
-        return _run_lean(parent_path, rows, config, run_dir, base_model, parent, reference_cache)
+        return _run_lean(parent_path, rows, config, run_dir, base_model, parent, reference_cache, reference)
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"
     model = load_policy(parent_path, config.quantization)
+    ref_model = load_policy(reference[1], config.quantization) if reference else None
     lr = config.resolved_learning_rate(base_model)
     args = DPOConfig(
         output_dir=str(run_dir / "trainer"), beta=config.beta, learning_rate=lr,
@@ -135,7 +140,7 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
                              target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")
     train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     started = time.monotonic()
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train, processing_class=tok,
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tok,
                          peft_config=peft_config, callbacks=[_MetricsFile(run_dir / "metrics.jsonl")])
     trainer.remove_callback(PrinterCallback)  # metrics go to our log/metrics file, not stdout
     trainer.train()
@@ -157,11 +162,13 @@ def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, 
 
 
 def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, base_model: str | None,
-              parent: str, cache: ReferenceCache | None) -> DPOResult:
+              parent: str, cache: ReferenceCache | None, reference: tuple[str, Path] | None) -> DPOResult:
     """prefloop's CPU loop: frozen base in bf16 where the CPU computes it natively, cached references."""
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=dtype)
+    # the reference's log-probs are cached, so the root is loaded only when some are missing
+    load_reference = (lambda: AutoModelForCausalLM.from_pretrained(str(reference[1]), dtype=dtype)) if reference else None
     lr = config.resolved_learning_rate(base_model)
     metrics = run_dir / "metrics.jsonl"
     started = time.monotonic()
@@ -171,7 +178,8 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
             f.write(json.dumps(row) + "\n")
 
     peft_model, history, steps = train_lora_dpo(model, tok, rows, config, learning_rate=lr,
-                                                parent=parent or str(parent_path), cache=cache, on_log=on_log)
+                                                parent=reference[0] if reference else parent or str(parent_path),
+                                                cache=cache, on_log=on_log, load_reference=load_reference)
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))  # the adapter only
     return _result(adapter_dir, history, steps, started, config, lr, run_dir)

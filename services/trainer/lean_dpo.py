@@ -7,7 +7,8 @@ a machine without a GPU. Measured on 2 cores (benchmarks/dpo.py), what costs the
   completion tokens go through the LM head.
 - The frozen base runs in bf16 where the CPU computes it natively (3-4x the fp32 matmul speed);
   the LoRA weights, optimizer state and loss stay in fp32.
-- Reference log-probs come from the parent (adapters disabled), once per (parent, pair): they are
+- Reference log-probs come from the parent (adapters disabled), or from another model given as the
+  reference (the lineage's root, `dpo_reference=root`), once per (reference, pair): they are
   cached on disk, so replayed pairs never pay for their reference pass again.
 - Batches are grouped by length (less padding). No activation checkpointing: a 135M model's
   activations fit in memory many times over, and recomputing them would cost a third more time.
@@ -16,6 +17,7 @@ LoRA dropout follows TRL's default `disable_dropout=True`: off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -112,9 +114,12 @@ def length_grouped(items: list[Encoded], batch: int, seed: int) -> list[list[Enc
 
 
 def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate: float, parent: str,
-                   cache: ReferenceCache | None, on_log) -> tuple[object, list[dict], int]:
+                   cache: ReferenceCache | None, on_log, load_reference=None) -> tuple[object, list[dict], int]:
     """Train a LoRA adapter on `model` (its base frozen) with the DPO loss; returns (peft model,
-    history, steps). `config` is a DPOJobConfig; `on_log(row)` gets every logged row."""
+    history, steps). `config` is a DPOJobConfig; `on_log(row)` gets every logged row. The reference
+    is `model` itself (adapters off) unless `load_reference` is given (it returns the reference
+    model; called only when the cache lacks some log-probs); `parent` names the reference in the
+    cache either way."""
     torch.manual_seed(config.seed)
     autocast = next(model.parameters()).dtype == torch.bfloat16
     model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
@@ -122,7 +127,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
                                              task_type="CAUSAL_LM"))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = [encode(tokenizer, r, config.max_length) for r in rows]
-    references = reference_logps(model, data, pad, autocast, parent, cache)
+    references = reference_logps(model, data, pad, autocast, parent, cache, load_reference)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
     batch = config.per_device_train_batch_size * config.gradient_accumulation_steps
@@ -168,20 +173,22 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
 
 @torch.no_grad()
 def reference_logps(model, data: list[Encoded], pad: int, autocast: bool, parent: str,
-                    cache: ReferenceCache | None) -> dict[str, tuple[float, float]]:
-    """The parent's log-probs of both sides of every pair: from the cache, or computed (adapters off)."""
+                    cache: ReferenceCache | None, load_reference=None) -> dict[str, tuple[float, float]]:
+    """The reference's log-probs of both sides of every pair: from the cache, or computed by the
+    model `load_reference()` returns, else by `model` with its adapters off (the parent)."""
     known = cache.get(parent, [e.pair_id for e in data]) if cache else {}
     missing = [e for e in data if e.pair_id not in known]
     started = time.monotonic()
     model.eval()
-    with model.disable_adapter():
+    scorer = load_reference().eval() if load_reference and missing else model
+    with contextlib.nullcontext() if scorer is not model else model.disable_adapter():
         for batch in [missing[i:i + 8] for i in range(0, len(missing), 8)]:
-            logps = sequence_logps(model, [(s, e.prompt_len) for e in batch for s in (e.chosen, e.rejected)], pad,
+            logps = sequence_logps(scorer, [(s, e.prompt_len) for e in batch for s in (e.chosen, e.rejected)], pad,
                                    autocast)[0].view(-1, 2)
             fresh = {e.pair_id: (float(c), float(r)) for e, (c, r) in zip(batch, logps.tolist())}
             known.update(fresh)
             if cache:
                 cache.put(parent, fresh)
-    log.info("reference log-probs: %d cached, %d computed in %.1fs", len(data) - len(missing), len(missing),
-             time.monotonic() - started)
+    log.info("reference log-probs (%s): %d cached, %d computed in %.1fs", parent, len(data) - len(missing),
+             len(missing), time.monotonic() - started)
     return known

@@ -38,6 +38,9 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     # DPO (seed 001 defaults; learning_rate unset = 5e-5, or 2e-3 for the tiny offline model)
     beta: float = 0.1
     sft_weight: float = Field(0.0, ge=0, description="RPO: weight of the chosen answers' NLL added to the DPO loss")
+    reference: Literal["parent", "root"] = Field(
+        "parent", description="DPO reference model: each run's parent, or the lineage's root (the bootstrapped base): "
+                              "every round regularized toward the base, replayed pairs keep the margins they won")
     learning_rate: float | None = None
     num_train_epochs: float = 1.0
     max_steps: int = -1

@@ -86,3 +86,38 @@ def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references
     assert refs[encoded[0].pair_id] == (-1.0, -2.0) and refs[encoded[1].pair_id] == cached[encoded[1].pair_id]
     other_parent = reference_logps(peft_model, encoded[:1], pad, False, "v0002", cache)
     assert other_parent[encoded[0].pair_id] != (-1.0, -2.0)  # another parent's references are its own
+
+
+def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_round(tiny_registry, preferences,
+                                                                                    tmp_path):
+    """`reference="root"`: round 2 trains from v0002 against v0001's log-probs, so pairs round 1
+    taught start with the margin they won (a parent reference starts every pair at zero) and
+    their references come from the cache, keyed by the root."""
+    from services.trainer.lean_dpo import ReferenceCache
+
+    registry = ModelRegistry(tiny_registry)
+    root = registry.verified_path("v0001")
+    rows = [to_trl_row(p) for p in preferences[:12]]
+    cache = ReferenceCache(tmp_path / "refs.sqlite")
+    config = DPOJobConfig(dpo_implementation="prefloop", learning_rate=2e-3, num_train_epochs=3,
+                          per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=256)
+    first = run_dpo(root, rows, config, tmp_path / "r1", parent="v0001", reference_cache=cache)
+    merged, tok = merge_adapter(root, first.adapter_dir)
+    child = registry.save(merged, tok, kind="dpo", parent="v0001").version
+    child_path = registry.verified_path(child)
+
+    rooted = run_dpo(child_path, rows, DPOJobConfig(**{**config.__dict__, "reference": "root", "max_steps": 1}),
+                     tmp_path / "r2", parent=child, reference_cache=cache, reference=("v0001", root))
+    assert rooted.history[0]["rewards/margins"] > 0.05 and rooted.history[0]["loss"] < 0.68
+    assert rooted.config["reference"] == "root"
+    assert len(cache.get(child, [])) == 0  # nothing was scored against the child
+    parented = run_dpo(child_path, rows, DPOJobConfig(**{**config.__dict__, "max_steps": 1}), tmp_path / "r3",
+                       parent=child, reference_cache=cache)
+    assert abs(parented.history[0]["rewards/margins"]) < 1e-2 and abs(parented.history[0]["loss"] - 0.6931) < 2e-3
+
+    # TRL's DPOTrainer takes the root as its ref_model: the same margin at its first step
+    trl = run_dpo(child_path, rows[:4], DPOJobConfig(dpo_implementation="trl", learning_rate=2e-3, max_steps=1,
+                                                     per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                                     max_length=256, reference="root", lora_dropout=0.0),
+                  tmp_path / "r4", parent=child, reference=("v0001", root))
+    assert trl.history[0]["rewards/margins"] > 0.05
