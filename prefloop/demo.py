@@ -59,6 +59,10 @@ PLANS = {
         # replay, trains about 1.2 epochs. 32 steps reached the goal twice and tripped the medical
         # forgetting guard once, 28 fell short on safety once and tripped it once (README).
         "PREFLOOP_TRAINER_MAX_STEPS": "28",
+        # Every round's DPO reference is the base, not the round's parent: replayed pairs keep the
+        # margins they won and round 2 is pulled back toward the base instead of compounding round 1
+        # (with the parent as reference round 2 broke the 5% medical guard in 2 of 5 runs; README).
+        "PREFLOOP_TRAINER_REFERENCE": "root",
         # 80 of the 110 held-out questions, and 100 + 60 of the forgetting guards' Q/A pairs: gate
         # time per version, for the demo's 12 minutes.
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "80", "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100",

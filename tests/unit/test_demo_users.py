@@ -21,3 +21,24 @@ def test_close_identical_or_blank_answers_get_no_verdict():
     assert user_pick(GOOD, near) is None
     assert user_pick(GOOD, GOOD + "  ") is None
     assert user_pick(GOOD, "   ") is None
+
+
+def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
+    """The trainer ignores unknown PREFLOOP_TRAINER_* variables, so a misspelt plan key would
+    silently fall back to the default: every key must name a field and its value must parse."""
+    from prefloop.demo import PLANS
+    from services.trainer.settings import TrainerSettings
+
+    fields = {f"PREFLOOP_TRAINER_{name.upper()}" for name in TrainerSettings.model_fields}
+
+    def settings_of(plan: str) -> TrainerSettings:
+        assert set(PLANS[plan].trainer) <= fields, set(PLANS[plan].trainer) - fields
+        with monkeypatch.context() as env:
+            for key, value in PLANS[plan].trainer.items():
+                env.setenv(key, value)
+            return TrainerSettings()
+
+    smollm2 = settings_of("smollm2")
+    assert smollm2.reference == "root" and smollm2.max_steps == 28 and smollm2.beta == 0.3
+    assert smollm2.lora_target_modules[-1] == "down_proj"
+    assert settings_of("tiny").reference == "parent"  # the toy keeps the default
