@@ -99,10 +99,9 @@ def main() -> None:
     for version in dict.fromkeys([parent, root]):
         with GenerationEngine.from_registry(registry, version) as engine:
             before[version] = perplexity(engine, medical), perplexity(engine, general)
-    before.setdefault(root, before[parent])
     print(f"run {args.run}: {run['version']} from {parent} (root {root}), {len(pairs)} pairs, "
           f"max steps {config.max_steps}, reference {config.reference}", flush=True)
-    lines = [f"{'variant':<24} {'pairs':>5} {'medical vs parent':>17} {'general vs parent':>17} "
+    lines = [f"{'variant':<26} {'pairs':>5} {'medical vs parent':>17} {'general vs parent':>17} "
              f"{'medical vs root':>15} {'general vs root':>15} {'dpo s':>6}"]
     references = args.reference or [config.reference]
     for variant, reference in [(v, r) for v in ["all", *args.without] for r in references]:
@@ -119,7 +118,7 @@ def main() -> None:
         with GenerationEngine.from_registry(registry, version) as engine:
             after = perplexity(engine, medical), perplexity(engine, general)
         change = [after[i] / before[v][i] - 1 for v in (parent, root) for i in (0, 1)]
-        lines.append(f"{name:<24} {len(rows):>5} {change[0]:>+17.1%} {change[1]:>+17.1%} {change[2]:>+15.1%} "
+        lines.append(f"{name:<26} {len(rows):>5} {change[0]:>+17.1%} {change[1]:>+17.1%} {change[2]:>+15.1%} "
                      f"{change[3]:>+15.1%} {time.monotonic() - started:>6.0f}")
         print(lines[-1], flush=True)
     print("\n".join(lines))

@@ -4,7 +4,8 @@ Defaults are seed 001's: beta 0.1, lr 5e-5 cosine, warmup 0.03, max_grad_norm 0.
 grad-accum 2, 1 epoch, LoRA r 16 / alpha 32 / dropout 0.05 on q_proj+v_proj, paged_adamw_8bit
 (on CUDA; adamw_torch on CPU, where paged optimizers do not exist). The reference model is
 the parent with the adapter disabled, or precomputed reference log-probs when configured; with
-`reference="root"` it is the lineage's first version, loaded beside the policy.
+`reference="root"` it is the lineage's first version (TRL: loaded beside the policy; prefloop's
+loop: loaded only to score pairs missing from the reference cache, then released).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
             base_model: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None,
             reference: tuple[str, Path] | None = None) -> DPOResult:
     """Train a LoRA adapter on conversational preference rows (prompt/chosen/rejected).
-    `reference`: (version, path) of a reference model other than the parent (`config.reference="root"`)."""
+    `reference`: (version, path) of the reference model when it is not the parent; this argument,
+    not `config.reference` (recorded with the run), decides which model is the reference."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
         return _run_lean(parent_path, rows, config, run_dir, base_model, parent, reference_cache, reference)

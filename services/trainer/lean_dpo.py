@@ -8,7 +8,7 @@ a machine without a GPU. Measured on 2 cores (benchmarks/dpo.py), what costs the
 - The frozen base runs in bf16 where the CPU computes it natively (3-4x the fp32 matmul speed);
   the LoRA weights, optimizer state and loss stay in fp32.
 - Reference log-probs come from the parent (adapters disabled), or from another model given as the
-  reference (the lineage's root, `dpo_reference=root`), once per (reference, pair): they are
+  reference (the lineage's root, `PREFLOOP_TRAINER_REFERENCE=root`), once per (reference, pair): they are
   cached on disk, so replayed pairs never pay for their reference pass again.
 - Batches are grouped by length (less padding). No activation checkpointing: a 135M model's
   activations fit in memory many times over, and recomputing them would cost a third more time.
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class ReferenceCache:
-    """Reference log-probs by (parent version, pair id): computed once, reused by every replay."""
+    """Reference log-probs by (reference version, pair id): computed once, reused by every replay."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

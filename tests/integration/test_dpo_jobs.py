@@ -3,6 +3,8 @@ ledger snapshot export that TRL trains on unchanged."""
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 from datasets import load_dataset
 from peft import LoraConfig, get_peft_model
@@ -93,9 +95,10 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     """`reference="root"`: round 2 trains from v0002 against v0001's log-probs, so pairs round 1
     taught start with the margin they won (a parent reference starts every pair at zero) and
     their references come from the cache, keyed by the root."""
-    from services.trainer.lean_dpo import ReferenceCache
+    from services.trainer.lean_dpo import ReferenceCache, encode, sequence_logps
 
-    registry = ModelRegistry(tiny_registry)
+    shutil.copytree(ModelRegistry(tiny_registry).verified_path("v0001"), tmp_path / "registry" / "v0001")
+    registry = ModelRegistry(tmp_path / "registry")  # a copy: the session's registry must not grow a child
     root = registry.verified_path("v0001")
     rows = [to_trl_row(p) for p in preferences[:12]]
     cache = ReferenceCache(tmp_path / "refs.sqlite")
@@ -106,16 +109,32 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     child = registry.save(merged, tok, kind="dpo", parent="v0001").version
     child_path = registry.verified_path(child)
 
-    rooted = run_dpo(child_path, rows, DPOJobConfig(**{**config.__dict__, "reference": "root", "max_steps": 1}),
-                     tmp_path / "r2", parent=child, reference_cache=cache, reference=("v0001", root))
+    rooted_config = DPOJobConfig(**{**config.__dict__, "reference": "root", "max_steps": 1})
+    rooted = run_dpo(child_path, rows, rooted_config, tmp_path / "r2", parent=child, reference_cache=cache,
+                     reference=("v0001", root))
     assert rooted.history[0]["rewards/margins"] > 0.05 and rooted.history[0]["loss"] < 0.68
     assert rooted.config["reference"] == "root"
-    assert len(cache.get(child, [])) == 0  # nothing was scored against the child
+
+    # pairs round 1 never saw: the loop loads the root and scores them with it, not with the child
+    fresh_rows = [to_trl_row(p) for p in preferences[12:16]]
+    run_dpo(child_path, fresh_rows, rooted_config, tmp_path / "r2b", parent=child, reference_cache=cache,
+            reference=("v0001", root))
+    encoded = [encode(tok, r, 256) for r in fresh_rows]
+    stored = cache.get("v0001", [e.pair_id for e in encoded])
+    assert len(stored) == 4 and not cache.get(child, [encode(tok, r, 256).pair_id for r in rows + fresh_rows])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        by = {name: float(sequence_logps(AutoModelForCausalLM.from_pretrained(str(path)),
+                                         [(encoded[0].chosen, encoded[0].prompt_len)], pad, False)[0][0])
+              for name, path in (("root", root), ("child", child_path))}
+    assert abs(by["root"] - by["child"]) > 1e-2 * abs(by["root"])  # the check can tell the two apart
+    assert abs(stored[encoded[0].pair_id][0] - by["root"]) < 1e-3 * abs(by["root"])
+
     parented = run_dpo(child_path, rows, DPOJobConfig(**{**config.__dict__, "max_steps": 1}), tmp_path / "r3",
                        parent=child, reference_cache=cache)
     assert abs(parented.history[0]["rewards/margins"]) < 1e-2 and abs(parented.history[0]["loss"] - 0.6931) < 2e-3
 
-    # TRL's DPOTrainer takes the root as its ref_model: the same margin at its first step
+    # TRL's DPOTrainer takes the root as its ref_model: a positive margin at its first step too
     trl = run_dpo(child_path, rows[:4], DPOJobConfig(dpo_implementation="trl", learning_rate=2e-3, max_steps=1,
                                                      per_device_train_batch_size=4, gradient_accumulation_steps=1,
                                                      max_length=256, reference="root", lora_dropout=0.0),
