@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo  # noqa: E402
+from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo  # noqa: E402
 from services.trainer.ledger import PreferenceLedger, to_trl_row  # noqa: E402
 from shared.alignment_data import general_conversations, medical_conversations  # noqa: E402
 from shared.engine import GenerationEngine  # noqa: E402
@@ -84,9 +84,7 @@ def main() -> None:
     parent = run["parent"]
     work = args.work / f"{args.state.resolve().name}-run{args.run}"
     registry_dir = work / "registry"
-    lineage = [parent]
-    while (up := source_registry.get(lineage[-1]).parent) is not None:
-        lineage.append(up)
+    lineage = source_registry.lineage(parent)
     registry_dir.mkdir(parents=True, exist_ok=True)
     for version in lineage:  # a private copy: the ablation never writes into the state it reads
         if not (registry_dir / version).exists():
@@ -110,8 +108,7 @@ def main() -> None:
         name = ("all pairs" if variant == "all" else f"without {variant}") + f", ref {reference}"
         dpo = run_dpo(registry.verified_path(parent), rows, dataclasses.replace(config, reference=reference),
                       work / "runs" / name.replace(" ", "_").replace(",", ""), base_model, parent=parent,
-                      reference=(root, registry.verified_path(root)) if reference == "root" and root != parent
-                      else None)
+                      reference=choose_reference(registry, parent, reference))
         merged, tok = merge_adapter(registry.verified_path(parent), dpo.adapter_dir)
         version = registry.save(merged, tok, kind="dpo", parent=parent, base_model=base_model,
                                 training_config={"ablation": name}).version

@@ -166,6 +166,13 @@ class ModelRegistry:
             raise RegistryError(f"{version} is not a complete registry version (no metadata.json)")
         return VersionMeta.model_validate_json(meta_file.read_text())
 
+    def lineage(self, version: str) -> list[str]:
+        """`version`, its parent, and so on back to the version the lineage started from (its root)."""
+        chain = [version]
+        while (parent := self.get(chain[-1]).parent) is not None:
+            chain.append(parent)
+        return chain
+
     def _version_dir(self, version: str) -> Path:
         if not VERSION_RE.match(version or ""):
             raise RegistryError(f"{version!r} is not a registry version name (expected v0001 style)")

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from datasets import Dataset
@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from services.trainer.lean_dpo import ReferenceCache, train_lora_dpo
+from shared.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 disable_progress_bar()  # services log; they do not draw progress bars
@@ -35,6 +36,21 @@ LEARNING_RATES = {TINY_BASE: 2e-3, "smollm2": 2e-4}
 Llama-3-8B; the tiny offline model (2M parameters, a few dozen steps per run) needs a much larger
 step to move at all, and SmolLM2-135M moved measurably on held-out prompts at 2e-4 (issue #12's
 measurement; the hyperparameter sweep in benchmarks/ refines it)."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The DPO reference model when it is not the run's parent. `weights` is called only when the
+    model is loaded: the CPU loop loads it only when the reference cache lacks some pairs, so the
+    DPO step verifies the weights' checksums only then (the gate still loads the root to compare)."""
+    version: str
+    weights: Callable[[], Path]
+
+
+def choose_reference(registry: ModelRegistry, parent: str, choice: str) -> Reference | None:
+    """`choice` "root": the lineage's first version (None when that is the parent); "parent": None."""
+    root = registry.lineage(parent)[-1] if choice == "root" else parent
+    return Reference(root, lambda: registry.verified_path(root)) if root != parent else None
 
 
 @dataclass
@@ -112,9 +128,9 @@ def load_policy(path: Path, quantization: str):
 
 def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path,
             base_model: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None,
-            reference: tuple[str, Path] | None = None) -> DPOResult:
+            reference: Reference | None = None) -> DPOResult:
     """Train a LoRA adapter on conversational preference rows (prompt/chosen/rejected).
-    `reference`: (version, path) of the reference model when it is not the parent; this argument,
+    `reference`: the reference model when it is not the parent (`choose_reference`); this argument,
     not `config.reference` (recorded with the run), decides which model is the reference."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
@@ -123,7 +139,7 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"
     model = load_policy(parent_path, config.quantization)
-    ref_model = load_policy(reference[1], config.quantization) if reference else None
+    ref_model = load_policy(reference.weights(), config.quantization) if reference else None
     lr = config.resolved_learning_rate(base_model)
     args = DPOConfig(
         output_dir=str(run_dir / "trainer"), beta=config.beta, learning_rate=lr,
@@ -164,13 +180,14 @@ def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, 
 
 
 def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, base_model: str | None,
-              parent: str, cache: ReferenceCache | None, reference: tuple[str, Path] | None) -> DPOResult:
+              parent: str, cache: ReferenceCache | None, reference: Reference | None) -> DPOResult:
     """prefloop's CPU loop: frozen base in bf16 where the CPU computes it natively, cached references."""
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=dtype)
     # the reference's log-probs are cached, so the root is loaded only when some are missing
-    load_reference = (lambda: AutoModelForCausalLM.from_pretrained(str(reference[1]), dtype=dtype)) if reference else None
+    load_reference = ((lambda: AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype))
+                      if reference else None)
     lr = config.resolved_learning_rate(base_model)
     metrics = run_dir / "metrics.jsonl"
     started = time.monotonic()
@@ -180,7 +197,7 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
             f.write(json.dumps(row) + "\n")
 
     peft_model, history, steps = train_lora_dpo(model, tok, rows, config, learning_rate=lr,
-                                                parent=reference[0] if reference else parent or str(parent_path),
+                                                parent=reference.version if reference else parent or str(parent_path),
                                                 cache=cache, on_log=on_log, load_reference=load_reference)
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))  # the adapter only

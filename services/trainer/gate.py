@@ -47,13 +47,6 @@ class GateResult:
     details: dict = field(default_factory=dict)
 
 
-def root_version(registry: ModelRegistry, version: str) -> str:
-    """The version a lineage started from (bootstrap): what every child is also compared with."""
-    while (parent := registry.get(version).parent) is not None:
-        version = parent
-    return version
-
-
 def eval_prompts(count: int) -> list[EvalPrompt]:
     """The shipped held-out health questions: no part of the loop samples or trains on them."""
     return [EvalPrompt(p.messages, p.reference_answer) for p in health_prompts("eval")[:count]]
@@ -70,7 +63,7 @@ class Gate:
     def evaluate(self, new_version: str, parent: str, *, heldout: list[PreferenceEvent],
                  history: list[dict], pairs_trained: int) -> GateResult:
         s = self.settings
-        base = root_version(self.registry, parent)
+        base = self.registry.lineage(parent)[-1]  # every child is also compared with the root
         judge = PairwiseJudge(s.judge.make_backend(), self.verdicts, JudgeStats(new_registry()))
         prompts = eval_prompts(s.eval_prompts)
         sampling = SamplingParams(max_new_tokens=s.eval_max_new_tokens)

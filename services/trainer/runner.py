@@ -27,9 +27,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
-from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo
+from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
 from services.trainer.lean_dpo import ReferenceCache
-from services.trainer.gate import Gate, root_version
+from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from services.trainer.settings import TrainerSettings
 from services.trainer.trigger import trigger_status
@@ -236,10 +236,9 @@ class TrainingRunner:
             parent_path = self.registry.verified_path(parent)
             # TrainerSettings carries the DPO fields under the same names.
             config = DPOJobConfig(**{f.name: getattr(s, f.name) for f in fields(DPOJobConfig) if hasattr(s, f.name)})
-            root = root_version(self.registry, parent) if s.reference == "root" else parent
             dpo = on_torch_thread(run_dpo, parent_path, [to_trl_row(e) for e in train], config, run_dir,
                                   parent_meta.base_model, parent=parent, reference_cache=self.reference_cache,
-                                  reference=(root, self.registry.verified_path(root)) if root != parent else None)
+                                  reference=choose_reference(self.registry, parent, s.reference))
             merged, tok = on_torch_thread(merge_adapter, parent_path, dpo.adapter_dir)
             meta = on_torch_thread(self.registry.save, merged, tok, kind="dpo", parent=parent,
                                    base_model=parent_meta.base_model, training_config=dpo.config,

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from services.trainer.dpo import DPOJobConfig, merge_adapter, run_dpo
+from services.trainer.dpo import DPOJobConfig, Reference, choose_reference, merge_adapter, run_dpo
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from shared.registry import ModelRegistry
 
@@ -109,34 +109,46 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     child = registry.save(merged, tok, kind="dpo", parent="v0001").version
     child_path = registry.verified_path(child)
 
-    rooted_config = DPOJobConfig(**{**config.__dict__, "reference": "root", "max_steps": 1})
+    assert registry.lineage(child) == [child, "v0001"]
+    assert choose_reference(registry, child, "parent") is None and choose_reference(registry, "v0001", "root") is None
+    chosen = choose_reference(registry, child, "root")
+    loads = []
+    counted = Reference(chosen.version, lambda: loads.append(chosen.version) or chosen.weights())
+    # one step over all 12 pairs: the first step's margin is their mean (a batch of 4 varied 0.15-1.2
+    # with the session's sampled pairs)
+    rooted_config = DPOJobConfig(**{**config.__dict__, "reference": "root", "max_steps": 1,
+                                    "per_device_train_batch_size": 12})
     rooted = run_dpo(child_path, rows, rooted_config, tmp_path / "r2", parent=child, reference_cache=cache,
-                     reference=("v0001", root))
+                     reference=counted)
     assert rooted.history[0]["rewards/margins"] > 0.05 and rooted.history[0]["loss"] < 0.68
     assert rooted.config["reference"] == "root"
+    assert loads == []  # every reference log-prob was cached: the root was neither loaded nor checksummed
 
     # pairs round 1 never saw: the loop loads the root and scores them with it, not with the child
     fresh_rows = [to_trl_row(p) for p in preferences[12:16]]
     run_dpo(child_path, fresh_rows, rooted_config, tmp_path / "r2b", parent=child, reference_cache=cache,
-            reference=("v0001", root))
+            reference=counted)
+    assert loads == ["v0001"]
     encoded = [encode(tok, r, 256) for r in fresh_rows]
     stored = cache.get("v0001", [e.pair_id for e in encoded])
     assert len(stored) == 4 and not cache.get(child, [encode(tok, r, 256).pair_id for r in rows + fresh_rows])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sequences = [(ids, e.prompt_len) for e in encoded for ids in (e.chosen, e.rejected)]
     with torch.no_grad():
-        by = {name: float(sequence_logps(AutoModelForCausalLM.from_pretrained(str(path)),
-                                         [(encoded[0].chosen, encoded[0].prompt_len)], pad, False)[0][0])
+        by = {name: [float(x) for x in sequence_logps(AutoModelForCausalLM.from_pretrained(str(path)), sequences,
+                                                       pad, False)[0]]
               for name, path in (("root", root), ("child", child_path))}
-    assert abs(by["root"] - by["child"]) > 1e-2 * abs(by["root"])  # the check can tell the two apart
-    assert abs(stored[encoded[0].pair_id][0] - by["root"]) < 1e-3 * abs(by["root"])
+    kept = [x for e in encoded for x in stored[e.pair_id]]
+    assert max(abs(r - c) / abs(r) for r, c in zip(by["root"], by["child"])) > 1e-2  # the check tells them apart
+    assert all(abs(k - r) < 1e-3 * abs(r) for k, r in zip(kept, by["root"]))
 
     parented = run_dpo(child_path, rows, DPOJobConfig(**{**config.__dict__, "max_steps": 1}), tmp_path / "r3",
                        parent=child, reference_cache=cache)
     assert abs(parented.history[0]["rewards/margins"]) < 1e-2 and abs(parented.history[0]["loss"] - 0.6931) < 2e-3
 
     # TRL's DPOTrainer takes the root as its ref_model: a positive margin at its first step too
-    trl = run_dpo(child_path, rows[:4], DPOJobConfig(dpo_implementation="trl", learning_rate=2e-3, max_steps=1,
-                                                     per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                                                     max_length=256, reference="root", lora_dropout=0.0),
-                  tmp_path / "r4", parent=child, reference=("v0001", root))
+    trl = run_dpo(child_path, rows, DPOJobConfig(dpo_implementation="trl", learning_rate=2e-3, max_steps=1,
+                                                 per_device_train_batch_size=12, gradient_accumulation_steps=1,
+                                                 max_length=256, reference="root", lora_dropout=0.0),
+                  tmp_path / "r4", parent=child, reference=Reference("v0001", lambda: root))
     assert trl.history[0]["rewards/margins"] > 0.05
