@@ -10,8 +10,12 @@ a real API tier: requests above the cap wait for a free place).
   judged first as a warm-up (the consumer group's join is not timed).
 - seed-style: one call per pair, one order, one at a time (seed 001 §2.3.4), measured on
   `--baseline-pairs` pairs and scaled linearly to N (said in the output).
+- seed-style, both orders: the same loop making the service's two calls per pair (A/B, then B/A),
+  so both runners make the same endpoint calls: this row isolates how well the service overlaps
+  calls; the row above also counts the second order the service pays for position-bias control.
 No model is loaded: the judge's cost is the endpoint's latency and how many calls overlap.
-Last line: `ratio: X` = seed-style time for N pairs / prefloop's.
+Last line: `ratio: X` = seed-style (one order) time for N pairs / prefloop's; the line above it
+gives the ratio against the both-orders loop (same calls).
 
 usage: python benchmarks/judge.py [--pairs 500] [--delay 2.5] [--cap 32] [--baseline-pairs 16]
 """
@@ -143,13 +147,15 @@ def through_service(server: FakeOpenAI, events: list[CandidatesEvent], work: Pat
         broker.stop()
 
 
-def seed_loop(base_url: str, events: list[CandidatesEvent]) -> float:
+def seed_loop(base_url: str, events: list[CandidatesEvent], both_orders: bool) -> float:
+    """One call per pair (or two: A/B then B/A), one at a time."""
     started = time.perf_counter()
     with httpx.Client(timeout=60, headers={"Authorization": "Bearer sk-bench"}) as client:
-        for e in events:  # one call per pair, one order, one at a time
-            body = {"model": "bench-judge", "messages": build_messages(e.prompt.messages, e.candidates[0].text,
-                                                                       e.candidates[1].text)}
-            client.post(f"{base_url}/chat/completions", json=body).raise_for_status()
+        for e in events:
+            first, second = e.candidates[0].text, e.candidates[1].text
+            for a, b in [(first, second), (second, first)][:2 if both_orders else 1]:
+                body = {"model": "bench-judge", "messages": build_messages(e.prompt.messages, a, b)}
+                client.post(f"{base_url}/chat/completions", json=body).raise_for_status()
     return time.perf_counter() - started
 
 
@@ -166,20 +172,29 @@ def main() -> None:
     try:
         with FakeOpenAI(Script(delay_s=args.delay, max_concurrency=args.cap)) as server:
             ours_s, requests, kinds = through_service(server, events, work)
-            base_measured = seed_loop(server.base_url, events[1:1 + args.baseline_pairs])
+            baseline = events[1:1 + args.baseline_pairs]
+            base_measured = seed_loop(server.base_url, baseline, both_orders=False)
+            both_measured = seed_loop(server.base_url, baseline, both_orders=True)
             peak = server.script.peak_concurrency
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base_s = base_measured * args.pairs / args.baseline_pairs
+    both_s = both_measured * args.pairs / args.baseline_pairs
     print(f"{args.pairs} candidates events (2 answers each), endpoint latency {args.delay}s, at most {args.cap} "
           f"requests served at once (peak seen {peak})")
     print(f"{'runner':<44}{'pairs':>7}{'requests':>10}{'seconds':>9}{'pairs/s':>9}  settings")
     print(f"{'seed-style sequential loop, one order':<44}{args.pairs:>7}{args.pairs:>10}{base_s:>9.1f}"
           f"{args.pairs / base_s:>9.2f}  measured {base_measured:.1f}s on {args.baseline_pairs} pairs, scaled linearly")
+    print(f"{'seed-style sequential loop, both orders':<44}{args.pairs:>7}{2 * args.pairs:>10}{both_s:>9.1f}"
+          f"{args.pairs / both_s:>9.2f}  measured {both_measured:.1f}s on {args.baseline_pairs} pairs, scaled linearly")
     print(f"{'prefloop judge service, both orders':<44}{args.pairs:>7}{requests:>10}{ours_s:>9.1f}"
           f"{args.pairs / ours_s:>9.2f}  batch_size {settings.batch_size}, batch_timeout_ms "
           f"{settings.batch_timeout_ms}, concurrency {settings.concurrency}; via broker")
     print("outcomes: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
+    floor_s = args.delay * -(-requests // args.cap)
+    print(f"endpoint floor for {requests} calls at {args.cap} at once: {floor_s:.1f}s "
+          f"(the service used {floor_s / ours_s:.0%} of the cap's throughput)")
+    print(f"ratio vs the both-orders loop (same endpoint calls): {both_s / ours_s:.1f}")
     print(f"ratio: {base_s / ours_s:.1f}")
 
 
