@@ -33,7 +33,7 @@ def main() -> None:
     root = args.registry or ROOT / "var" / "bench-registry"
     ensure_registry(args.model, root)
     prompts = health_prompts("train", sampling=SamplingParams(max_new_tokens=args.max_new_tokens))[:args.prompts]
-    print(f"{'batch_size':>10}{'max_seq':>8}{'seconds':>9}{'cand/s':>8}")
+    print(f"{'batch_size':>10}{'max_seq':>8}{'seconds':>9}{'cand/s':>8}", flush=True)
     for batch_size, sequences in SETTINGS:
         engine = GenerationEngine.from_registry(ModelRegistry(root), max_batch_size=sequences)
         try:
@@ -42,7 +42,7 @@ def main() -> None:
             service_path(engine, prompts, batch_size, row)
         finally:
             engine.close(drain=False)
-        print(f"{batch_size:>10}{sequences:>8}{row.seconds:>9.1f}{row.rate:>8.2f}")
+        print(f"{batch_size:>10}{sequences:>8}{row.seconds:>9.1f}{row.rate:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":
