@@ -72,6 +72,10 @@ class EventProducer:
             max_request_size=kafka.max_message_bytes,
             request_timeout_ms=kafka.request_timeout_ms,
             max_block_ms=self._max_block_ms,
+            # kafka-python waits 30 s for a first connection by default, whatever max_block_ms says:
+            # a producer renewed during an outage would hold its caller (a chat request's feedback,
+            # an announcement) that long instead of failing over within its budget
+            bootstrap_timeout_ms=self._max_block_ms,
         )
 
     @property

@@ -219,8 +219,10 @@ def test_feedback_survives_a_broker_outage_through_the_outbox(tmp_path, registry
         if two.choices[0].message.content.strip() == two.choices[1].message.content.strip():
             pytest.skip("the tiny model sampled two identical answers")  # pragma: no cover
         broker.stop()
+        # answered within the producer's 2 s budget plus the publish timeout, not after kafka-python's
+        # 30 s first-connection wait (the gateway's producer connects on its first send, here)
         r = httpx.post(f"{gw.url}/v1/feedback", json={"response_id": two.id, "preferred_index": 0},
-                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=20)
         assert r.status_code == 202 and r.json()["status"] == "queued"
         assert queued(tmp_path / "outbox") == 2  # feedback + preference
         broker = EmbeddedBroker(port=broker.port, log_file=tmp_path / "outage-broker.log")
