@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from services.trainer.lean_dpo import ReferenceCache, train_lora_dpo
+from services.trainer.sft import fit_trl_logprob_tiles
 from shared.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"
     model = load_policy(parent_path, config.quantization)
+    fit_trl_logprob_tiles(model)
     ref_model = load_policy(reference.weights(), config.quantization) if reference else None
     lr = config.resolved_learning_rate(base_model)
     args = DPOConfig(

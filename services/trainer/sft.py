@@ -22,10 +22,24 @@ from datasets.utils.logging import disable_progress_bar
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
+from trl.trainer import utils as trl_utils
 
 log = logging.getLogger(__name__)
 disable_progress_bar()  # services log; they do not draw progress bars
 ALL_PROJECTIONS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_TRL_LOGPROB_TILE = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+
+
+def fit_trl_logprob_tiles(model) -> None:
+    """Make TRL's fused LM head tile no wider than the model's vocabulary.
+
+    TRL 1.16 allocates each fused log-prob tile 32768 columns wide whatever the vocabulary, twice a
+    step: for the tiny model's 2048 tokens that is 256 MB of fresh pages a call, and its 120 SFT
+    steps took 66 s instead of 42 s (same losses: one tile covers the whole vocabulary either way).
+    The width is a private module constant read at call time; without it this does nothing."""
+    if _TRL_LOGPROB_TILE is not None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(_TRL_LOGPROB_TILE, vocab)
 
 
 @dataclass
@@ -116,6 +130,7 @@ def make_sft_trainer(model, tokenizer, conversations: list[dict], config: SFTJob
 
 
 def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, output_dir: Path) -> SFTResult:
+    fit_trl_logprob_tiles(model)
     trainer, mask = make_sft_trainer(model, tokenizer, conversations, config, output_dir)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer
 from trl.chat_template_utils import has_generation_markers
+from trl.trainer import utils as trl_utils
 
 from services.trainer.bootstrap import TinyModelSpec, bootstrap_base, build_tiny_model, build_tokenizer, load_conversations
 from services.trainer.sft import SFTJobConfig, make_sft_trainer, run_sft, sft_rows
@@ -78,11 +79,16 @@ def test_lora_sft_on_smollm2_registers_a_merged_sft_version(smollm2_registry, tm
     meta = bootstrap_base(reg, str(base), "lora", SFTJobConfig(max_steps=2, logging_steps=1, max_length=256))
     assert (meta.kind, meta.source.kind, meta.training_config["loss_mask"]) == ("sft", "hf", "completion_only")
     assert meta.metrics["sft_steps"] == 2 and reg.current() == meta.version
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 32768  # TRL's width; SmolLM2's 49152 tokens are wider
     merged = reg.verified_path(meta.version)
     assert not list(merged.glob("adapter*"))  # merged into the weights, not an adapter beside them
 
 
 def test_run_sft_reports_the_mask_it_used(tmp_path):
     tok = zephyr_tokenizer()
-    result = run_sft(build_tiny_model(tok, SMALL), tok, CONVERSATIONS, CONFIG, tmp_path)
+    model = build_tiny_model(tok, SMALL)
+    result = run_sft(model, tok, CONVERSATIONS, CONFIG, tmp_path)
     assert result.loss_mask == "completion_only" and result.steps == 3
+    # TRL's fused log-prob tile narrowed to the vocabulary (fit_trl_logprob_tiles): if TRL renames
+    # its private constant the speed-up is gone, and this says so
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == model.get_output_embeddings().weight.shape[0] < 32768
