@@ -159,12 +159,14 @@ def bootstrap(
     sft: str = typer.Option("auto", help="with --base: none (register it as it is), lora (LoRA SFT on the "
                                          "shipped conversations first), auto (none for instruct presets, else lora)"),
     seed: int = typer.Option(7, help="seed for the offline tiny model"),
-    steps: int = typer.Option(120, min=1, help="SFT steps for the offline tiny model"),
+    steps: Optional[int] = typer.Option(None, min=1, help="SFT steps: the tiny model takes 120 by default; LoRA SFT "
+                                                          "of a --base runs 3 epochs unless this caps it"),
     if_empty: bool = typer.Option(False, help="do nothing if the registry already has a current version"),
 ) -> None:
     """Build and register the first model version (the offline tiny Llama, or a real model with --base)."""
     from services.trainer.base_models import BaseModelError
     from services.trainer.bootstrap import TinyModelSpec, bootstrap_base, bootstrap_tiny
+    from services.trainer.sft import SFTJobConfig
     from shared.registry import ModelRegistry
 
     if sft not in ("auto", "none", "lora"):
@@ -175,7 +177,11 @@ def bootstrap(
         console.print(f"registry {reg.root} already serves {reg.current()}; nothing to do")
         return
     try:
-        meta = bootstrap_base(reg, base, sft) if base else bootstrap_tiny(reg, TinyModelSpec(seed=seed, sft_steps=steps))
+        if base:
+            capped = SFTJobConfig(max_steps=steps, logging_steps=max(1, min(10, steps // 5))) if steps else None
+            meta = bootstrap_base(reg, base, sft, capped)
+        else:
+            meta = bootstrap_tiny(reg, TinyModelSpec(seed=seed, sft_steps=steps or TinyModelSpec.sft_steps))
     except BaseModelError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2)

@@ -114,13 +114,13 @@ def test_bootstrap_with_a_real_base_runs_lora_sft_and_registers_it(tiny_registry
     """`--base` takes any HF model directory (here the tiny model itself, as no hub is reachable)."""
     prefloop = str(Path(sys.executable).with_name("prefloop"))
     base = ModelRegistry(tiny_registry).verified_path("v0001")
-    out = subprocess.run([prefloop, "bootstrap", "--registry", str(tmp_path / "reg"), "--base", str(base)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([prefloop, "bootstrap", "--registry", str(tmp_path / "reg"), "--base", str(base),
+                          "--steps", "6"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     reg = ModelRegistry(tmp_path / "reg")
     meta = reg.get(reg.current())
     assert meta.kind == "sft" and meta.base_model == str(base)
-    assert meta.training_config["sft"]["lora"]["r"] == 8 and meta.metrics["sft_steps"] > 0
+    assert meta.training_config["sft"]["lora"]["r"] == 8 and meta.metrics["sft_steps"] == 6  # --steps caps it
     reloaded = GenerationEngine.from_registry(reg)
     assert not any(name for name, _ in reloaded.model.named_modules() if "lora" in name.lower())  # merged
     assert reloaded.generate([GenerationRequest(ask("How do I sleep better?"), SamplingParams(max_new_tokens=16))])[0].candidates
