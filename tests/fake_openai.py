@@ -158,4 +158,5 @@ class FakeOpenAI:
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
+        self.server.force_exit = True  # a request a test left hanging (delay_s) must not hold the teardown
         self.thread.join(10)

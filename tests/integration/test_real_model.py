@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 
+import httpx
 import openai
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -177,11 +179,14 @@ def test_smollm2_behind_the_gateway_is_a_real_weak_judge(kafka, producer, tmp_pa
         gw.kill()
 
 
-def test_up_with_smollm2_serves_it_and_refuses_a_registry_of_another_model(tmp_path, smollm2_registry):
+def test_up_serves_smollm2_and_its_chat_page_and_ctrl_c_leaves_no_process(tmp_path, smollm2_registry):
+    """`prefloop up` on a state directory that already holds a model (a second `up`): no bootstrap,
+    the four services and the broker, the chat page and the API; Ctrl-C stops every process. The
+    bootstrap into an empty state directory runs in the demo test and through the CLI above."""
     from prefloop.stack import Stack
 
     state = tmp_path / "up"
-    shutil.copytree(smollm2_registry, state / "registry")  # bootstrap itself is tested through the CLI above
+    shutil.copytree(smollm2_registry, state / "registry")
     with pytest.raises(RuntimeError, match="holds v0001 of 'smollm2', not 'tiny'"):
         Stack(state, model="tiny").bootstrap(lambda msg: None)
     port = free_port()
@@ -194,13 +199,22 @@ def test_up_with_smollm2_serves_it_and_refuses_a_registry_of_another_model(tmp_p
             return any(x.startswith("API key: ") for x in lines) or proc.poll() is not None
 
         wait_for(announced, 280, "the chat page announcement", interval_s=0)
+        assert f"Chat page: http://127.0.0.1:{port}/\n" in lines, lines[-20:]
+        assert not any("bootstrapping" in x for x in lines)  # the registry's model is served as it is
         key = next(x for x in lines if x.startswith("API key: ")).split(": ", 1)[1].strip()
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "prefloop" in page.text and "/v1/chat/completions" in page.text
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
         out = client.chat.completions.create(model="prefloop", max_tokens=64, seed=5,
                                              messages=[{"role": "user", "content": "How can I sleep better?"}])
         assert out.system_fingerprint == "v0001" and len(out.choices[0].message.content.split()) >= 5
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 5  # broker + four services
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == []
+        assert [m.version for m in ModelRegistry(state / "registry").list()] == ["v0001"]
     finally:
         if proc.poll() is None:
             proc.kill()
