@@ -39,8 +39,9 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     beta: float = 0.1
     sft_weight: float = Field(0.0, ge=0, description="RPO: weight of the chosen answers' NLL added to the DPO loss")
     reference: Literal["parent", "root"] = Field(
-        "parent", description="DPO reference model: each run's parent, or the lineage's root (the bootstrapped base): "
-                              "every round regularized toward the base, replayed pairs keep the margins they won")
+        "root", description="DPO reference model: the lineage's root (the bootstrapped base; every round regularized "
+                            "toward it, replayed pairs keep the margins they won and never pay a reference pass again), "
+                            "or each run's parent (TRL's default with peft: round after round the anchor moves)")
     learning_rate: float | None = None
     num_train_epochs: float = 1.0
     max_steps: int = -1

@@ -41,4 +41,4 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
     smollm2 = settings_of("smollm2")
     assert smollm2.reference == "root" and smollm2.max_steps == 28 and smollm2.beta == 0.3
     assert smollm2.lora_target_modules[-1] == "down_proj"
-    assert settings_of("tiny").reference == "parent"  # the toy keeps the default
+    assert settings_of("tiny").reference == "root"  # the toy keeps the service default
