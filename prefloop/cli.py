@@ -166,7 +166,7 @@ def bootstrap(
     """Build and register the first model version (the offline tiny Llama, or a real model with --base)."""
     from services.trainer.base_models import BaseModelError
     from services.trainer.bootstrap import TinyModelSpec, bootstrap_base, bootstrap_tiny
-    from services.trainer.sft import SFTJobConfig
+    from services.trainer.sft import SFTJobConfig, logging_steps_for
     from shared.registry import ModelRegistry
 
     if sft not in ("auto", "none", "lora"):
@@ -178,7 +178,7 @@ def bootstrap(
         return
     try:
         if base:
-            capped = SFTJobConfig(max_steps=steps, logging_steps=max(1, min(10, steps // 5))) if steps else None
+            capped = SFTJobConfig(max_steps=steps, logging_steps=logging_steps_for(steps)) if steps else None
             meta = bootstrap_base(reg, base, sft, capped)
         else:
             meta = bootstrap_tiny(reg, TinyModelSpec(seed=seed, sft_steps=steps or TinyModelSpec.sft_steps))

@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from services.trainer import base_models
 from services.trainer.dpo import TINY_BASE
-from services.trainer.sft import SFTJobConfig, run_sft
+from services.trainer.sft import SFTJobConfig, logging_steps_for, run_sft
 from shared.engine import pick_device_and_dtype
 from shared.ids import content_id
 from shared.prompts import split_for
@@ -113,7 +113,7 @@ def bootstrap_tiny(registry: ModelRegistry, spec: TinyModelSpec | None = None) -
     config = SFTJobConfig(learning_rate=spec.sft_learning_rate, max_steps=spec.sft_steps,
                           per_device_train_batch_size=spec.sft_batch_size, gradient_accumulation_steps=1,
                           warmup_ratio=0.05, weight_decay=0.0, max_length=spec.max_position_embeddings,
-                          seed=spec.seed, logging_steps=max(1, min(10, spec.sft_steps // 5)), lora=None)
+                          seed=spec.seed, logging_steps=logging_steps_for(spec.sft_steps), lora=None)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sft(model, tok, conversations, config, Path(tmp))
     result.model.generation_config.eos_token_id = tok.eos_token_id

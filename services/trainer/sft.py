@@ -42,6 +42,11 @@ def fit_trl_logprob_tiles(model) -> None:
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(_TRL_LOGPROB_TILE, vocab)
 
 
+def logging_steps_for(steps: int) -> int:
+    """Log the loss about five times in a short run, every 10 steps in a long one (never 0)."""
+    return max(1, min(10, steps // 5))
+
+
 @dataclass
 class LoraSettings:
     r: int = 8
@@ -98,6 +103,7 @@ def sft_rows(tokenizer, conversations: list[dict]) -> tuple[list[dict], str]:
 def make_sft_trainer(model, tokenizer, conversations: list[dict], config: SFTJobConfig,
                      output_dir: Path) -> tuple[SFTTrainer, str]:
     rows, mask = sft_rows(tokenizer, conversations)
+    fit_trl_logprob_tiles(model)
     cuda = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -130,7 +136,6 @@ def make_sft_trainer(model, tokenizer, conversations: list[dict], config: SFTJob
 
 
 def run_sft(model, tokenizer, conversations: list[dict], config: SFTJobConfig, output_dir: Path) -> SFTResult:
-    fit_trl_logprob_tiles(model)
     trainer, mask = make_sft_trainer(model, tokenizer, conversations, config, output_dir)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
