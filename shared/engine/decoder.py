@@ -12,7 +12,9 @@ Mistral and Qwen2 share; `supports()` says whether a model has it (others use th
 in `fallback.py`). Attention is computed here: per row, over that row's own positions.
 
 Active rows are kept in slots 0..n-1 (a freed slot is filled by moving the last row into it),
-so the cache of the active rows is one contiguous view and attention needs no gather.
+so the cache of the active rows is one strided view and attention needs no gather; it runs over
+the longest active row's positions. A prompt that begins like the previous one (requests share
+a system prompt) copies that prefix's keys and values instead of computing them.
 
 Projections that read the same input run as one matmul (q/k/v, gate/up), over weights packed
 once for the CPU's matmul library (`Projection`), and the rotary embedding turns q and k in one
@@ -23,15 +25,18 @@ are re-laid-out in every call, and every per-layer op costs its dispatch.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ROW_BLOCK = 8
-"""the cache grows and shrinks by this many rows"""
+"""the cache is allocated for a multiple of this many rows"""
 LENGTH_BLOCK = 64
-"""and by this many positions: attention runs over the allocated length, so it tracks the longest row"""
+"""the cache is zeroed ahead of the longest row by this many positions at a time"""
+INITIAL_LENGTH = 512
+"""positions a new cache is allocated for (untouched pages cost no memory)"""
 
 
 PACK_ROWS = 32
@@ -120,7 +125,7 @@ def supports(model) -> bool:
 class SlotDecoder:
     """Prefill prompts into slots, decode one token for every active slot, free slots."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, max_rows: int = ROW_BLOCK) -> None:
         self.model = model
         inner, config = model.model, model.config
         self.layers = list(inner.layers)
@@ -136,44 +141,73 @@ class SlotDecoder:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
+        self.max_rows = max(ROW_BLOCK, max_rows)
+        """slots the cache is allocated for (its pages are touched only as rows use them)"""
         self.k = self.v = torch.empty(0)
-        self.rows = 0  # allocated rows
-        self.length = 0  # allocated positions
+        self.capacity = (0, 0)  # (rows, positions) allocated
+        self.finite = 0
+        """every active row's cache holds finite numbers at positions below this (a LENGTH_BLOCK
+        multiple past the longest row); attention runs over the longest row's positions only"""
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         """next position to write, per active slot (= tokens in the cache for that row)"""
+        self._prefix: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+        """the last prompt prefilled and its keys and values, [layers, kv_heads, tokens, head_dim]"""
 
     @property
     def active(self) -> int:
         return int(self.positions.numel())
 
     # -- cache management ------------------------------------------------------
+    def _blocks(self, length: int) -> int:
+        top = math.ceil(self.max_positions / LENGTH_BLOCK) * LENGTH_BLOCK
+        return min(max(LENGTH_BLOCK, math.ceil(length / LENGTH_BLOCK) * LENGTH_BLOCK), top)
+
     @torch.inference_mode()
-    def _resize(self, rows: int, length: int) -> None:
-        rows = max(ROW_BLOCK, math.ceil(rows / ROW_BLOCK) * ROW_BLOCK)
-        length = min(max(LENGTH_BLOCK, math.ceil(length / LENGTH_BLOCK) * LENGTH_BLOCK),
-                     math.ceil(self.max_positions / LENGTH_BLOCK) * LENGTH_BLOCK)
-        if (rows, length) == (self.rows, self.length):
-            return
-        shape = (len(self.layers), rows * self.kv_heads, length, self.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        keep_rows, keep_len = min(rows, self.rows, self.active) * self.kv_heads, min(length, self.length)
-        if keep_rows and keep_len:
-            k[:, :keep_rows, :keep_len] = self.k[:, :keep_rows, :keep_len]
-            v[:, :keep_rows, :keep_len] = self.v[:, :keep_rows, :keep_len]
-        self.k, self.v, self.rows, self.length = k, v, rows, length
+    def _reserve(self, rows: int, length: int) -> None:
+        """Room for `rows` slots, and a finite cache for every active row below `length` positions.
+
+        The allocation is made with torch.empty (on CPU for max_rows slots and at least
+        INITIAL_LENGTH positions: pages are touched only as rows use them), grows to at least
+        twice its length when a row outgrows it, and is kept when rows finish: the next rows reuse
+        it. A zeroed cache allocated for every change of shape (rows joining 8 at a time, every 64
+        positions, and again for every generate call) cost 11-18% of a generator batch on SmolLM2
+        in page faults. Positions attention may newly cover are zeroed for the active rows a
+        block ahead (a row's positions past its own are masked, but garbage could be NaN, and
+        NaN - inf and NaN * 0 are NaN); a prefill zeroes its own slots' tail."""
+        length = self._blocks(length)
+        cap_rows, cap_length = self.capacity
+        if rows > cap_rows or length > cap_length:
+            lazy = self.device.type == "cpu"  # an accelerator's memory is committed when allocated
+            new_rows = math.ceil(max(rows, self.max_rows if lazy else 0, cap_rows) / ROW_BLOCK) * ROW_BLOCK
+            new_length = cap_length if length <= cap_length else \
+                self._blocks(max(length, 2 * cap_length, INITIAL_LENGTH if lazy else 0))
+            shape = (len(self.layers), new_rows * self.kv_heads, new_length, self.head_dim)
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            keep = self.active * self.kv_heads
+            if keep and self.finite:
+                k[:, :keep, :self.finite] = self.k[:, :keep, :self.finite]
+                v[:, :keep, :self.finite] = self.v[:, :keep, :self.finite]
+            self.k, self.v, self.capacity = k, v, (new_rows, new_length)
+        if length > self.finite:
+            for cache in (self.k, self.v):
+                cache[:, :self.active * self.kv_heads, self.finite:length] = 0
+            self.finite = length
 
     def fit(self) -> None:
-        """Shrink the cache to what the active rows use (after long rows finished)."""
+        """Forget the finite span far past the longest row (after long rows finished: free() then
+        copies less); the allocation stays."""
         longest = int(self.positions.max()) + 1 if self.active else 0
-        if self.rows > self.active + 2 * ROW_BLOCK or self.length > longest + 2 * LENGTH_BLOCK:
-            self._resize(self.active, longest)
+        if self.finite > longest + 2 * LENGTH_BLOCK:
+            self.finite = self._blocks(longest)
 
     def reset(self) -> None:
         """Drop every row and the cache (after a failed step)."""
         self.positions = self.positions[:0]
+        self._prefix = None
         self.k = self.v = torch.empty(0)
-        self.rows = self.length = 0
+        self.capacity = (0, 0)
+        self.finite = 0
 
     @torch.inference_mode()
     def free(self, slot: int) -> int | None:
@@ -181,8 +215,8 @@ class SlotDecoder:
         last = self.active - 1
         if slot != last:
             h = self.kv_heads
-            self.k[:, slot * h:(slot + 1) * h] = self.k[:, last * h:(last + 1) * h]
-            self.v[:, slot * h:(slot + 1) * h] = self.v[:, last * h:(last + 1) * h]
+            for cache in (self.k, self.v):
+                cache[:, slot * h:(slot + 1) * h, :self.finite] = cache[:, last * h:(last + 1) * h, :self.finite]
             self.positions[slot] = self.positions[last]
         self.positions = self.positions[:last].clone()
         return last if slot != last else None
@@ -202,25 +236,43 @@ class SlotDecoder:
         x = x + part.o(o)
         return x + part.feed_forward(part.layer.post_attention_layernorm(x))
 
+    def _shared_prefix(self, ids: list[int]) -> int:
+        """Leading tokens of `ids` that the previous prompt had: their cache is copied, not computed
+        (requests share a system prompt: 49 of a generator prompt's 62-102 SmolLM2 tokens). At most
+        all but the last token, whose logits are needed."""
+        if self._prefix is None:
+            return 0
+        return min(len(os.path.commonprefix([self._prefix[0], ids])), len(ids) - 1)
+
     @torch.inference_mode()
     def prefill(self, ids: list[int], copies: int = 1) -> torch.Tensor:
         """Run a prompt, store its cache in `copies` new slots (n samples share one prefill).
         Returns the last position's logits, [vocab] (float32)."""
-        n = len(ids)
+        n, h = len(ids), self.kv_heads
         first = self.active
-        self._resize(max(self.rows, first + copies), max(self.length, n + 1))
-        x = self.embed(torch.tensor(ids, device=self.device))  # [n, hidden]
-        cos, sin = (t[0, :, None] for t in self.rotary(x, torch.arange(n, device=self.device)[None]))
-        h = self.kv_heads
+        self._reserve(first + copies, n + 1)
+        for cache in (self.k, self.v):  # the new slots' positions past the prompt: see _reserve
+            cache[:, first * h:(first + copies) * h, n:self.finite] = 0
+        shared = self._shared_prefix(ids)
+        positions = torch.arange(shared, n, device=self.device)
+        x = self.embed(torch.tensor(ids[shared:], device=self.device))  # [n - shared, hidden]
+        cos, sin = (t[0, :, None] for t in self.rotary(x, positions[None]))
+        # query i (at position shared + i) sees keys 0..shared + i; without a shared prefix: causal
+        mask = torch.arange(n, device=self.device)[None] <= positions[:, None] if shared else None
+        keys = torch.empty(len(self.layers), h, n, self.head_dim, dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        if shared:
+            keys[:, :, :shared], values[:, :, :shared] = self._prefix[1][:, :, :shared], self._prefix[2][:, :, :shared]
         for i in range(len(self.layers)):
-            q, k, v = (t.transpose(0, 1) for t in self._attention_inputs(i, x, cos, sin))  # [heads, n, d]
-            for c in range(copies):
-                slot = first + c
-                self.k[i, slot * h:(slot + 1) * h, :n] = k
-                self.v[i, slot * h:(slot + 1) * h, :n] = v
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=self.scaling,
-                                               enable_gqa=True)
-            x = self._finish_layer(i, x, o[0].transpose(0, 1).reshape(n, -1))
+            q, k, v = (t.transpose(0, 1) for t in self._attention_inputs(i, x, cos, sin))  # [heads, n - shared, d]
+            keys[i, :, shared:], values[i, :, shared:] = k, v
+            for slot in range(first, first + copies):
+                self.k[i, slot * h:(slot + 1) * h, :n] = keys[i]
+                self.v[i, slot * h:(slot + 1) * h, :n] = values[i]
+            o = F.scaled_dot_product_attention(q[None], keys[i][None], values[i][None], attn_mask=mask,
+                                               is_causal=mask is None, scale=self.scaling, enable_gqa=True)
+            x = self._finish_layer(i, x, o[0].transpose(0, 1).reshape(n - shared, -1))
+        self._prefix = (list(ids), keys, values)
         self.positions = torch.cat([self.positions, torch.full((copies,), n, dtype=torch.long, device=self.device)])
         return self.head(self.norm(x[-1])).float()
 
@@ -229,8 +281,8 @@ class SlotDecoder:
         """One token for every active slot (tokens[i] goes to slot i). Returns logits [active, vocab]."""
         n, h, d = self.active, self.kv_heads, self.head_dim
         positions = self.positions
-        self._resize(self.rows, max(self.length, int(positions.max()) + 1))  # grows only; fit() shrinks
-        length = self.length
+        self._reserve(n, int(positions.max()) + 1)  # grows only; fit() shrinks
+        length = int(positions.max()) + 1  # attention over the longest row's positions, not a block
         x = self.embed(tokens.to(self.device))  # [n, hidden]
         cos, sin = (t[:, 0, None] for t in self.rotary(x, positions[:, None]))  # [n, 1, d]
         beyond = torch.arange(length, device=self.device)[None] > positions[:, None]  # [n, length]
@@ -243,7 +295,7 @@ class SlotDecoder:
             q, k, v = self._attention_inputs(i, x, cos, sin)
             self.k[i, kv_rows, kv_pos] = k.reshape(n * h, d)
             self.v[i, kv_rows, kv_pos] = v.reshape(n * h, d)
-            keys, values = self.k[i, :n * h], self.v[i, :n * h]  # contiguous: no copy
+            keys, values = self.k[i, :n * h, :length], self.v[i, :n * h, :length]  # strided views: no copy
             scores = torch.bmm(q.reshape(n * h, self.group, d), keys.transpose(1, 2))  # [n * kv_heads, group, length]
             weights = scores.float().mul_(self.scaling).add_(mask).softmax(-1).to(self.dtype)
             o = torch.bmm(weights, values).reshape(n, self.heads * d)

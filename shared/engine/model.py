@@ -97,7 +97,7 @@ class GenerationEngine:
             self.batching = "continuous"
             # built on the torch thread: packing weights elsewhere started a second OpenMP team, and
             # decode steps ran 46% longer (74 vs 51 ms at 32 rows, SmolLM2; shared/torch_thread.py)
-            decoder = on_torch_thread(slot_decoder.SlotDecoder, model)
+            decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size)
             self._batcher = ContinuousBatcher(decoder, tokenizer, self._stop_ids,
                                               max_rows=max_batch_size, on_step=on_step)
         else:

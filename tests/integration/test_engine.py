@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from shared.engine import GenerationEngine, GenerationRequest
+from shared.engine import decoder as decoder_module
 from shared.engine.decoder import SlotDecoder, supports
 from shared.registry import ModelRegistry
 from shared.wire import ChatMessage, SamplingParams
@@ -26,9 +27,34 @@ def fp32(tiny_registry):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32):
+def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32, monkeypatch):
+    """Small blocks make the cache reallocate while rows are active (rows 2 -> 4, positions 64 ->
+    128). torch.empty's memory may hold anything, and a NaN that reached a masked position would
+    spread through the attention (NaN - inf and NaN * 0 are NaN): here torch.empty returns NaNs,
+    and after each reservation the cache outside the active rows' finite span is poisoned too."""
     assert supports(fp32)
-    decoder = SlotDecoder(fp32)
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs) -> torch.Tensor:
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(decoder_module, "ROW_BLOCK", 2)
+    monkeypatch.setattr(decoder_module, "INITIAL_LENGTH", 64)
+    reserve = SlotDecoder._reserve
+    grown: set[tuple[int, int]] = set()
+
+    def poisoning(self, rows: int, length: int) -> None:
+        reserve(self, rows, length)
+        grown.add(self.capacity)
+        h = self.kv_heads
+        for cache in (self.k, self.v):
+            cache[:, self.active * h:] = float("nan")
+            cache[:, :, self.finite:] = float("nan")
+
+    monkeypatch.setattr(SlotDecoder, "_reserve", poisoning)
+    decoder = SlotDecoder(fp32, max_rows=2)
     prompts = [[5, 17, 33, 101, 7], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46, 47]]
     rows = [list(p) for p in prompts]
 
@@ -53,7 +79,17 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
         logits = decoder.decode(torch.tensor([30 + step, 31 + step]))
         rows[2].append(30 + step)
         rows[1].append(31 + step)
+    assert torch.allclose(logits[0], reference(rows[2]), atol=1e-4)
     assert torch.allclose(logits[1], reference(rows[1]), atol=1e-4)
+    assert grown == {(2, 64), (4, 64), (4, 128)}  # both reallocations happened with rows active
+    joined = prompts[2][:6] + [60, 61, 62]  # the last prompt's first 6 tokens: their cache is copied
+    assert decoder._shared_prefix(joined) == 6
+    assert torch.allclose(decoder.prefill(joined), reference(joined), atol=1e-4)
+    assert decoder._shared_prefix(joined) == len(joined) - 1  # the same prompt again: all but its last token
+    assert torch.allclose(decoder.prefill(joined), reference(joined), atol=1e-4)
+    logits = decoder.decode(torch.tensor([1, 2, 3, 4]))
+    for slot, (ids, token) in enumerate(zip([rows[2], rows[1], joined, joined], [1, 2, 3, 4])):
+        assert torch.allclose(logits[slot], reference(ids + [token]), atol=1e-4)
 
 
 def test_requests_with_different_settings_share_steps_and_leave_when_done(tiny_registry):
