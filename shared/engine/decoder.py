@@ -196,13 +196,17 @@ class SlotDecoder:
 
     def fit(self) -> None:
         """Forget the finite span far past the longest row (after long rows finished: free() then
-        copies less); the allocation stays."""
+        copies less). The allocation stays on CPU; an accelerator's is given back when no row is
+        left (its caching allocator makes the next one cheap)."""
+        if not self.active and self.device.type != "cpu":
+            self.reset()
+            return
         longest = int(self.positions.max()) + 1 if self.active else 0
         if self.finite > longest + 2 * LENGTH_BLOCK:
             self.finite = self._blocks(longest)
 
     def reset(self) -> None:
-        """Drop every row and the cache (after a failed step)."""
+        """Drop every row and the cache (after a failed step, and when the engine closes)."""
         self.positions = self.positions[:0]
         self._prefix = None
         self.k = self.v = torch.empty(0)
@@ -249,6 +253,8 @@ class SlotDecoder:
         """Run a prompt, store its cache in `copies` new slots (n samples share one prefill).
         Returns the last position's logits, [vocab] (float32)."""
         n, h = len(ids), self.kv_heads
+        if not n:
+            raise ValueError("an empty prompt has no position to predict from")
         first = self.active
         self._reserve(first + copies, n + 1)
         for cache in (self.k, self.v):  # the new slots' positions past the prompt: see _reserve

@@ -143,6 +143,7 @@ class ContinuousBatcher(QueueWorker):
                 on_torch_thread(self._iterate)
             with self._lock:
                 if self._closing and not self._rows and self._pending is None and self._queue.empty():
+                    self.decoder.reset()  # the cache's memory goes now, not when the engine is collected
                     return
 
     @torch.inference_mode()

@@ -18,6 +18,10 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
 
+    def __post_init__(self) -> None:
+        if self.n < 1:  # no candidate would ever finish the request
+            raise ValueError(f"n must be at least 1, got {self.n}")
+
 
 @dataclass
 class GenerationResult:

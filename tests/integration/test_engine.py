@@ -86,10 +86,18 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
     assert decoder._shared_prefix(joined) == 6
     assert torch.allclose(decoder.prefill(joined), reference(joined), atol=1e-4)
     assert decoder._shared_prefix(joined) == len(joined) - 1  # the same prompt again: all but its last token
-    assert torch.allclose(decoder.prefill(joined), reference(joined), atol=1e-4)
-    logits = decoder.decode(torch.tensor([1, 2, 3, 4]))
-    for slot, (ids, token) in enumerate(zip([rows[2], rows[1], joined, joined], [1, 2, 3, 4])):
+    assert torch.allclose(decoder.prefill(joined, copies=2), reference(joined), atol=1e-4)  # two samples
+    logits = decoder.decode(torch.tensor([1, 2, 3, 4, 5]))
+    for slot, (ids, token) in enumerate(zip([rows[2], rows[1], joined, joined, joined], [1, 2, 3, 4, 5])):
         assert torch.allclose(logits[slot], reference(ids + [token]), atol=1e-4)
+    assert grown == {(2, 64), (4, 64), (4, 128), (6, 128)}
+    for slot in range(decoder.active - 1, -1, -1):
+        decoder.free(slot)
+    decoder.fit()
+    assert decoder.capacity == (6, 128)  # on CPU the next rows reuse the pages
+    decoder.reset()
+    assert decoder.capacity == (0, 0) and decoder._shared_prefix(joined) == 0
+    assert torch.allclose(decoder.prefill(joined), reference(joined), atol=1e-4)
 
 
 def test_requests_with_different_settings_share_steps_and_leave_when_done(tiny_registry):
@@ -111,6 +119,7 @@ def test_requests_with_different_settings_share_steps_and_leave_when_done(tiny_r
         long_result = long.future.result(timeout=120)
     assert len(short.candidates) == 1 and short.candidates[0].completion_tokens <= 3
     assert len(long_result.candidates) == 2
+    assert engine._batcher.decoder.capacity == (0, 0)  # closing gave the cache's memory back
     assert steps[0] == 2 and max(steps) == 3  # the short row decoded in the same steps as the long ones
     assert 1 <= steps.count(3) <= 2  # and left after its last token (the first came from its prefill)
     tokens = sum(c.completion_tokens for c in short.candidates + long_result.candidates)

@@ -1,8 +1,12 @@
-"""Per-row sampling: each row's own temperature, top-k, top-p and generator, exactly."""
+"""Per-row sampling: each row's own temperature, top-k, top-p and generator, exactly; and the
+request that asks for rows."""
 
+import pytest
 import torch
 
+from shared.engine import GenerationRequest
 from shared.engine.sampling import CANDIDATES, WINDOWS, RowSampling, sample
+from shared.wire import ChatMessage
 
 
 def draws(logits: torch.Tensor, row: RowSampling, times: int = 400) -> set[int]:
@@ -67,3 +71,10 @@ def test_seeded_and_unseeded_rows_drawn_together_follow_their_distributions():
         for i, token in enumerate(sample(logits, rows)):
             counts[i, token] += 1
     assert torch.allclose(counts / 3000, torch.tensor([[0.6, 0.3, 0.1]] * 2), atol=0.04)
+
+
+def test_a_request_for_no_candidates_is_refused_where_it_is_made():
+    """n=0 would prefill, then no row would ever finish the request: its caller would wait forever."""
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        GenerationRequest([ChatMessage(role="user", content="hi")], n=0)
+    assert GenerationRequest([ChatMessage(role="user", content="hi")]).n == 1
