@@ -287,8 +287,8 @@ class SlotDecoder:
         """One token for every active slot (tokens[i] goes to slot i). Returns logits [active, vocab]."""
         n, h, d = self.active, self.kv_heads, self.head_dim
         positions = self.positions
-        self._reserve(n, int(positions.max()) + 1)  # grows only; fit() shrinks
         length = int(positions.max()) + 1  # attention over the longest row's positions, not a block
+        self._reserve(n, length)
         x = self.embed(tokens.to(self.device))  # [n, hidden]
         cos, sin = (t[:, 0, None] for t in self.rotary(x, positions[:, None]))  # [n, 1, d]
         beyond = torch.arange(length, device=self.device)[None] > positions[:, None]  # [n, length]
