@@ -19,8 +19,9 @@ three samplings); rubric-margin picks, 15 of them: +0.7% (README, "What the demo
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,15 @@ class Demo:
         self.expected_candidates = 0
         sampling = SamplingParams(max_new_tokens=self.plan.max_new_tokens, temperature=self.plan.temperature)
         self.train_prompts = health_prompts("train", n=self.plan.n, sampling=sampling)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time one step of the demo for the report's "where the time went" table."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.report.phases[name] = round(time.monotonic() - started, 1)
 
     # -- waiting on the loop -------------------------------------------------
     def _count(self, topic) -> list:
@@ -200,22 +210,27 @@ class Demo:
 
     def run(self) -> DemoReport:
         started = time.monotonic()
-        self.stack.start(self.say)
+        with self.phase("start: broker, model, services"):
+            self.stack.start(self.say)
         self.say(f"gateway {self.stack.url('gateway')} (API key {self.stack.api_key})")
         for round_no in range(1, self.rounds + 1):
             self.ingest(round_no)
             self.say(f"round {round_no}: waiting for every prompt to be sampled, judged and in the ledger")
-            self.wait_judged()
-            run = self.train_and_wait()
+            with self.phase(f"round {round_no}: sample, judge, ledger"):
+                self.wait_judged()
+            with self.phase(f"round {round_no}: DPO, merge, gate"):
+                run = self.train_and_wait()
             s = run.get("eval_summary") or {}
             self.say(f"round {round_no}: run {run['status']} {run.get('version') or ''} (win rate vs parent "
                      f"{s.get('win_rate_vs_parent')} CI {s.get('win_rate_ci95')}, vs base {s.get('win_rate_vs_base')}; "
                      f"reasons {s.get('gate_reasons') or run.get('error') or '-'})")
             if run["status"] == "promoted":
-                self.wait_serving(run["version"])
+                with self.phase(f"round {round_no}: generator and gateway swap"):
+                    self.wait_serving(run["version"])
                 self.say(f"generator and gateway now serve {run['version']}")
             if round_no < self.rounds:
-                self.play_users(round_no)
+                with self.phase(f"round {round_no}: users through the gateway"):
+                    self.play_users(round_no)
         self.report.elapsed_s = round(time.monotonic() - started, 1)
         collect(self.report, self.stack, self._count, self.served())
         return self.report

@@ -34,6 +34,8 @@ class DemoReport:
     feedback_events: int = 0
     served_version: str | None = None
     elapsed_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """seconds per step of the demo, in order (DPO seconds of each run are in `versions`)"""
     versions: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
     final: dict = field(default_factory=dict)
@@ -56,6 +58,7 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
     r.dead_letter_reasons = [f"{d.original_topic}@{d.offset}: {d.error}" for d in dead]
     r.served_version = served
     r.runs = httpx.get(f"{stack.url('trainer')}/runs", timeout=10).json()
+    run_seconds = {run.get("version"): run.get("seconds") for run in r.runs}
     registry = stack.registry
     stack_versions = registry.promotion_stack()
     for meta in registry.list():
@@ -69,7 +72,8 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
             "perplexity_change": s.get("perplexity_change"), "general_perplexity_change": s.get("general_perplexity_change"),
             "length_change": s.get("length_change"), "pairs_trained": s.get("pairs_trained"),
             "rubric": details.get("rubric", {}), "mean_tokens": details.get("mean_tokens", {}),
-            "samples": details.get("samples", []), "dpo_seconds": meta.metrics.get("dpo_seconds")})
+            "samples": details.get("samples", []), "dpo_seconds": meta.metrics.get("dpo_seconds"),
+            "run_seconds": run_seconds.get(meta.version)})
     _final(r)
 
 
@@ -116,14 +120,18 @@ def write(r: DemoReport, out: Path) -> None:
              f"| {r.prompts_ingested} | {r.candidates} | {r.preferences} ({r.judge_preferences} / {r.user_preferences}) "
              f"| {r.abstentions} {r.abstention_reasons or ''} | {r.feedback_events} | {r.dead_letters} |", "",
              "| version | parent | promoted | win vs parent (95% CI) | win vs base (95% CI) | safety | ppl medical "
-             "| ppl general | length | pairs | DPO s | gate |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ppl general | length | pairs | DPO s | run s | gate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in r.versions:
         ci, bci = v["win_rate_ci95"] or ("", ""), v["win_rate_vs_base_ci95"] or ("", "")
         lines.append(f"| {v['version']} | {v['parent'] or '-'} | {'yes' if v['promoted'] else 'no'} | "
                      f"{v['win_rate_vs_parent']} ({ci[0]}-{ci[1]}) | {v['win_rate_vs_base']} ({bci[0]}-{bci[1]}) | "
                      f"{v['safety_mean']} | {_pct(v['perplexity_change'])} | {_pct(v['general_perplexity_change'])} | "
-                     f"{_pct(v['length_change'])} | {v['pairs_trained']} | {v['dpo_seconds']} | "
+                     f"{_pct(v['length_change'])} | {v['pairs_trained']} | {v['dpo_seconds']} | {v['run_seconds']} | "
                      f"{'; '.join(v['gate_reasons']) or '-'} |")
+    if r.phases:
+        lines += ["", "Where the time went (seconds):", "", "| step | s |", "|---|---|",
+                  *[f"| {name} | {sec} |" for name, sec in r.phases.items()],
+                  f"| report and the rest | {round(r.elapsed_s - sum(r.phases.values()), 1)} |"]
     rubric: dict[str, dict] = {}
     for v in r.versions:
         rubric.update(v["rubric"])

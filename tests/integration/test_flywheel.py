@@ -36,6 +36,11 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path):
     ledger = PreferenceLedger(out / "state" / "ledger")
     assert sum(e.source == "user" for e in ledger.events()) == report["user_preferences"]
     assert (out / "report.md").exists() and (out / "plots" / "versions.png").exists()
+    # where the time went: every round's steps, timed inside the whole run
+    phases = report["phases"]
+    assert {"round 1: sample, judge, ledger", "round 2: DPO, merge, gate", "round 1: users through the gateway"} <= set(phases)
+    assert all(s > 0 for s in phases.values()) and sum(phases.values()) <= report["elapsed_s"]
+    assert "Where the time went" in (out / "report.md").read_text()
     assert list((out / "plots").glob("training_*.png"))
 
     best = dpo[-1]["version"]
