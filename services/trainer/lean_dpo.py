@@ -10,8 +10,10 @@ a machine without a GPU. Measured on 2 cores (benchmarks/dpo.py), what costs the
 - Reference log-probs come from the parent (adapters disabled), or from another model given as the
   reference (the lineage's root, `PREFLOOP_TRAINER_REFERENCE=root`), once per (reference, pair): they are
   cached on disk, so replayed pairs never pay for their reference pass again.
-- Batches are grouped by length (less padding). No activation checkpointing: a 135M model's
-  activations fit in memory many times over, and recomputing them would cost a third more time.
+- Chosen and rejected share their prompt: one row per pair computes it once (`pair_logps`; 24% less
+  time per step on SmolLM2 pairs, measured). Batches are grouped by length (less padding).
+- No activation checkpointing: a 135M model's activations fit in memory many times over, and
+  recomputing them would cost a third more time.
 LoRA dropout follows TRL's default `disable_dropout=True`: off.
 """
 
@@ -87,7 +89,7 @@ def encode(tokenizer, row: dict, max_length: int) -> Encoded:
 def sequence_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, autocast: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each sequence's tokens after its prompt (only those reach the LM head),
-    and how many tokens each sum has."""
+    and how many tokens each sum has. The loop scores pairs with `pair_logps`; this is the plain form."""
     width = max(len(s) for s, _ in sequences)
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s, _ in sequences])
     attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in sequences])
@@ -105,9 +107,56 @@ def sequence_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, a
     return torch.zeros(len(sequences), dtype=token_logps.dtype).index_add(0, owner, token_logps), counts
 
 
+def pair_logps(model, items: list[Encoded], pad_id: int, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of both sides of each pair ([pairs, 2] sums and counts), with the shared prompt
+    computed once: one row per pair, prompt + chosen + rejected, where the rejected answer attends to
+    the prompt and itself, never to the chosen answer, and its positions restart after the prompt.
+    The same numbers as two rows per pair (rounding aside) for ~22% fewer tokens on a SmolLM2 pair."""
+    rows, spans = [], []
+    for e in items:
+        p = e.prompt_len
+        if e.chosen[:p] != e.rejected[:p]:
+            raise ValueError(f"pair {e.pair_id}: chosen and rejected do not share their first {p} (prompt) tokens")
+        chosen, rejected = e.chosen[p:], e.rejected[p:]
+        rows.append(e.chosen[:p] + chosen + rejected)
+        spans.append((p, len(chosen), len(rejected)))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segment = torch.full((len(rows), width), -1)  # -1 padding, 0 prompt, 1 chosen, 2 rejected
+    source, owner = [], []  # (row, position) whose logits predict each scored token, and its side
+    for i, (row, (p, c, r)) in enumerate(zip(rows, spans)):
+        ids[i, :len(row)] = torch.tensor(row)
+        positions[i, :p + c] = torch.arange(p + c)
+        positions[i, p + c:p + c + r] = torch.arange(p, p + r)
+        segment[i, :p], segment[i, p:p + c], segment[i, p + c:p + c + r] = 0, 1, 2
+        for side, start, n in ((0, p, c), (1, p + c, r)):  # the side's first token is predicted by the prompt's last
+            source += [(i, t) for t in [p - 1, *range(start, start + n - 1)][:n]]
+            owner += [2 * i + side] * n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    allowed = causal & (key >= 0) & ~((query == 2) & (key == 1)) | torch.eye(width, dtype=torch.bool)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if inner.config._attn_implementation == "sdpa":
+        mask = allowed[:, None]
+    else:  # eager and others add the mask to the scores
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        mask = mask[:, None]
+    at = torch.tensor(source)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden = inner.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        logits = inner.lm_head(hidden[at[:, 0], at[:, 1]]).float()
+    owners = torch.tensor(owner)
+    targets = torch.tensor([tok for (p, c, r), row in zip(spans, rows) for tok in row[p:p + c] + row[p + c:p + c + r]])
+    token_logps = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    sums = torch.zeros(2 * len(rows), dtype=token_logps.dtype).index_add(0, owners, token_logps)
+    counts = torch.bincount(owners, minlength=2 * len(rows))
+    return sums.view(-1, 2), counts.view(-1, 2)
+
+
 def length_grouped(items: list[Encoded], batch: int, seed: int) -> list[list[Encoded]]:
     """Batches of similar length in a shuffled order (the order of batches is random, not their content)."""
-    ordered = sorted(items, key=lambda e: max(len(e.chosen), len(e.rejected)))
+    ordered = sorted(items, key=lambda e: len(e.chosen) + len(e.rejected) - e.prompt_len)  # pair_logps' row
     batches = [ordered[i:i + batch] for i in range(0, len(ordered), batch)]
     random.Random(seed).shuffle(batches)
     return batches
@@ -144,9 +193,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     model.train()
     history: list[dict] = []
     for step, items in enumerate(plan, 1):
-        logps, counts = sequence_logps(model, [(s, e.prompt_len) for e in items for s in (e.chosen, e.rejected)],
-                                       pad, autocast)
-        logps, counts = logps.view(-1, 2), counts.view(-1, 2)
+        logps, counts = pair_logps(model, items, pad, autocast)
         ref = torch.tensor([references[e.pair_id] for e in items])
         chosen_rewards = config.beta * (logps[:, 0] - ref[:, 0])
         rejected_rewards = config.beta * (logps[:, 1] - ref[:, 1])
@@ -177,14 +224,13 @@ def reference_logps(model, data: list[Encoded], pad: int, autocast: bool, parent
     """The reference's log-probs of both sides of every pair: from the cache, or computed by the
     model `load_reference()` returns, else by `model` with its adapters off (the parent)."""
     known = cache.get(parent, [e.pair_id for e in data]) if cache else {}
-    missing = [e for e in data if e.pair_id not in known]
+    missing = sorted((e for e in data if e.pair_id not in known), key=lambda e: len(e.chosen) + len(e.rejected))
     started = time.monotonic()
     model.eval()
     scorer = load_reference().eval() if load_reference and missing else model
     with contextlib.nullcontext() if scorer is not model else model.disable_adapter():
         for batch in [missing[i:i + 8] for i in range(0, len(missing), 8)]:
-            logps = sequence_logps(scorer, [(s, e.prompt_len) for e in batch for s in (e.chosen, e.rejected)], pad,
-                                   autocast)[0].view(-1, 2)
+            logps = pair_logps(scorer, batch, pad, autocast)[0]
             fresh = {e.pair_id: (float(c), float(r)) for e, (c, r) in zip(batch, logps.tolist())}
             known.update(fresh)
             if cache:

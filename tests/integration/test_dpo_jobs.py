@@ -52,6 +52,49 @@ def test_an_exported_snapshot_loads_with_datasets_and_trains_with_trl_unchanged(
     assert trainer.state.global_step == 2 and any("rewards/accuracies" in h for h in trainer.state.log_history)
 
 
+def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_computed_once(tiny_registry, preferences):
+    """`pair_logps` packs prompt + chosen + rejected into one row (the rejected answer must not see
+    the chosen one, its positions restart after the prompt): its log-probs, token counts and LoRA
+    gradients equal two ordinary rows per pair, under SDPA's boolean mask and eager's additive one,
+    with pairs of unequal lengths in one batch (padding) and an answer cut to nothing by max_length."""
+    from services.trainer.lean_dpo import Encoded, encode, pair_logps, sequence_logps
+
+    model_dir = str(ModelRegistry(tiny_registry).verified_path("v0001"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    items = [encode(tok, to_trl_row(p), 256) for p in preferences[:5]]
+    assert len({len(e.chosen) + len(e.rejected) for e in items}) > 1  # the batch needs padding
+    cut = items[0]
+    items.append(Encoded("cut", cut.chosen, cut.chosen[:cut.prompt_len], cut.prompt_len))  # empty rejected side
+    for attention in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter, so that its gradients flow through both paths
+                torch.nn.init.normal_(param, std=0.05)
+        lora = [p for p in model.parameters() if p.requires_grad]
+
+        def grads():
+            flat = torch.cat([p.grad.flatten() for p in lora])
+            model.zero_grad()
+            return flat
+
+        packed, packed_counts = pair_logps(model, items, pad, False)
+        packed.sum().backward()
+        packed_grad = grads()
+        rows, counts = sequence_logps(model, [(s, e.prompt_len) for e in items for s in (e.chosen, e.rejected)],
+                                      pad, False)
+        rows.sum().backward()
+        row_grad = grads()
+        assert torch.equal(packed_counts, counts.view(-1, 2)) and packed_counts[-1, 1] == 0
+        assert torch.allclose(packed, rows.view(-1, 2), rtol=1e-5, atol=1e-4), (attention, packed, rows)
+        assert torch.allclose(packed_grad, row_grad, rtol=1e-4, atol=1e-6), attention
+        # either answer may come second: the chosen one, scored behind the rejected one, is unchanged
+        swapped = Encoded("x", items[1].rejected, items[1].chosen, items[1].prompt_len)
+        second = float(pair_logps(model, [swapped], pad, False)[0][0, 1].detach())
+        assert abs(second - float(rows[2].detach())) < 1e-4 * abs(second)
+
+
 def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references(tiny_registry, preferences, tmp_path):
     """The CPU loop's first step sees policy == reference (loss ln 2, zero margins): the cached
     reference log-probs are the parent's own, scored on completion tokens only. A replay reads
