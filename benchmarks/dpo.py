@@ -6,8 +6,12 @@ Rows (each run in its own process, so its peak RSS is its own):
 - TRL DPOTrainer at prefloop's settings (same batch, LoRA targets, lengths, no activation
   checkpointing, precomputed reference log-probs): like with like; the ratio is against this row.
 - prefloop's job (`services/trainer/lean_dpo.py`, the trainer's real path), first run;
-- the same pairs again with the reference log-probs cached (a replayed pair's cost).
-Last line: `ratio: X` = prefloop's first run over TRL at the same settings, in pairs/s.
+- the same pairs again with the reference log-probs cached (a replayed pair's cost);
+- prefloop's job at seed 001's settings with TRL's default memory policy (activation checkpointing,
+  LoRA r16 on q/v, 4 pairs per optimizer step, max_length 1024, lr 5e-5): like with like for the first row.
+Last line: `ratio: X` = prefloop's job over TRL's DPOTrainer at TRL's defaults with seed 001's settings,
+both checkpointing activations, in pairs/s (the issue's comparison); the table also prints prefloop's
+first run over TRL at prefloop's settings, and each pair's peak-memory ratio.
 
 usage: .venv/bin/python benchmarks/dpo.py [--model smollm2|tiny] [--registry DIR] [--pairs 64]
 """
@@ -30,6 +34,9 @@ from benchmarks.common import add_model_args, ensure_registry  # noqa: E402
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = dict(beta=0.1, learning_rate=2e-4, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                 num_train_epochs=1.0, max_length=384, lora_r=16, lora_alpha=32, lora_target_modules=ALL)
+SEED_SETTINGS = dict(beta=0.1, learning_rate=5e-5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     num_train_epochs=1.0, max_length=1024, lora_r=16, lora_alpha=32, max_grad_norm=0.3,
+                     lora_target_modules=["q_proj", "v_proj"], activation_checkpointing=True)
 
 
 def make_pairs(parent: Path, n: int, out: Path) -> None:
@@ -70,6 +77,9 @@ def child(which: str, parent: Path, data: Path, cache: Path) -> None:
     if which in ("ours", "ours-replay"):
         run_dpo(parent, rows, DPOJobConfig(**SETTINGS, dpo_implementation="prefloop"), work, parent=str(parent),
                 reference_cache=ReferenceCache(cache))
+    elif which == "ours-seed":
+        run_dpo(parent, rows, DPOJobConfig(**SEED_SETTINGS, dpo_implementation="prefloop"), work, parent=str(parent),
+                reference_cache=ReferenceCache(cache.with_name("refs-seed.sqlite")))
     elif which == "trl-same":
         run_dpo(parent, rows, DPOJobConfig(**SETTINGS, dpo_implementation="trl", precompute_ref_log_probs=True), work)
     else:
@@ -97,7 +107,8 @@ def child(which: str, parent: Path, data: Path, cache: Path) -> None:
 ROWS = [("trl-seed", "TRL DPOTrainer, TRL defaults + seed 001 settings"),
         ("trl-same", "TRL DPOTrainer, prefloop's settings"),
         ("ours", "prefloop DPO job (first run)"),
-        ("ours-replay", "prefloop DPO job (references cached)")]
+        ("ours-replay", "prefloop DPO job (references cached)"),
+        ("ours-seed", "prefloop DPO job, seed 001 settings + checkpointing")]
 
 
 def main() -> None:
@@ -127,9 +138,12 @@ def main() -> None:
     for which, label in ROWS:
         r = results[which]
         print(f"{label:<52}{r['seconds']:>9.1f}{r['pairs'] / r['seconds']:>9.2f}{r['peak_mb']:>9.0f}")
-    ours, same = results["ours"], results["trl-same"]
-    print(f"peak memory, prefloop / TRL at the same settings: {ours['peak_mb'] / same['peak_mb']:.2f}")
-    print(f"ratio: {same['seconds'] / ours['seconds']:.2f}")
+    for mine, theirs, what in (("ours", "trl-same", "prefloop's settings"),
+                               ("ours-seed", "trl-seed", "TRL defaults + seed 001 settings, both checkpointing")):
+        a, b = results[mine], results[theirs]
+        print(f"at {what}: {b['seconds'] / a['seconds']:.2f}x pairs/s, peak memory prefloop / TRL "
+              f"{a['peak_mb'] / b['peak_mb']:.2f}")
+    print(f"ratio: {results['trl-seed']['seconds'] / results['ours-seed']['seconds']:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from datasets import load_dataset
 from peft import LoraConfig, get_peft_model
@@ -93,6 +94,28 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
         swapped = Encoded("x", items[1].rejected, items[1].chosen, items[1].prompt_len)
         second = float(pair_logps(model, [swapped], pad, False)[0][0, 1].detach())
         assert abs(second - float(rows[2].detach())) < 1e-4 * abs(second)
+
+
+def test_activation_checkpointing_recomputes_layers_and_trains_the_same(tiny_registry, preferences, tmp_path,
+                                                                         monkeypatch):
+    """`activation_checkpointing` (TRL's default memory policy, for the like-for-like benchmark row and
+    big models): the decoder layers run under torch's checkpoint, and training is unchanged."""
+    import transformers.modeling_utils as modeling
+
+    calls = []
+    original = modeling.checkpoint  # what activation_checkpointing_enable wraps each layer's call in
+    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    parent = ModelRegistry(tiny_registry).verified_path("v0001")
+    rows = [to_trl_row(p) for p in preferences[:8]]
+    histories = {}
+    for on in (False, True):
+        config = DPOJobConfig(dpo_implementation="prefloop", learning_rate=2e-3, max_steps=2, max_length=256,
+                              per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                              activation_checkpointing=on)
+        histories[on] = run_dpo(parent, rows, config, tmp_path / f"run-{on}").history
+        assert bool(calls) == on
+    assert [h["loss"] for h in histories[True]] == pytest.approx([h["loss"] for h in histories[False]], abs=1e-5)
+    assert histories[True][-1]["rewards/margins"] == pytest.approx(histories[False][-1]["rewards/margins"], abs=1e-5)
 
 
 def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references(tiny_registry, preferences, tmp_path):
