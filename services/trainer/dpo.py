@@ -78,7 +78,7 @@ class DPOJobConfig:
     quantization: Literal["none", "nf4"] = "none"
     precompute_ref_log_probs: bool = False
     activation_checkpointing: bool = False
-    """recompute activations in the backward pass (TRL's default is on; less memory, about a third more time)"""
+    """recompute activations in the backward pass (TRL's default is on; less memory, one more forward pass per step)"""
     seed: int = 42
     logging_steps: int = 1
     dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"
@@ -155,8 +155,8 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
         optim=config.optim or ("paged_adamw_8bit" if cuda else "adamw_torch"),
         precompute_ref_log_probs=config.precompute_ref_log_probs, seed=config.seed, data_seed=config.seed,
         logging_steps=config.logging_steps, save_strategy="no", report_to="none", use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=config.activation_checkpointing, disable_tqdm=True,
-        dataloader_num_workers=0,
+        bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=config.activation_checkpointing,
+        disable_tqdm=True, dataloader_num_workers=0,
     )
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")

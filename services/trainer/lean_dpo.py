@@ -13,7 +13,7 @@ a machine without a GPU. Measured on 2 cores (benchmarks/dpo.py), what costs the
 - Chosen and rejected share their prompt: one row per pair computes it once (`pair_logps`; 24% less
   time per step on SmolLM2 pairs, measured). Batches are grouped by length (less padding).
 - No activation checkpointing by default (`activation_checkpointing` turns it on): a 135M model's
-  activations fit in memory many times over, and recomputing them costs about a third more time.
+  activations fit in memory many times over, and recomputing them costs one more forward pass per step.
 LoRA dropout follows TRL's default `disable_dropout=True`: off.
 """
 

@@ -54,8 +54,9 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     quantization: Literal["none", "nf4"] = "none"
     precompute_ref_log_probs: bool = False
     activation_checkpointing: bool = Field(
-        False, description="recompute each layer's activations in the backward pass: far less memory for about a "
-                           "third more time (off: a 135M-1B model's activations fit; on for long sequences or big models)")
+        False, description="recompute each layer's activations in the backward pass: far less memory for one more "
+                           "forward pass per step (off: a 135M-1B model's activations fit; on for long sequences "
+                           "or big models)")
     dpo_implementation: Literal["auto", "prefloop", "trl"] = Field(
         "auto", description="prefloop's CPU loop (services/trainer/lean_dpo.py) or TRL's DPOTrainer; auto: prefloop "
                             "on CPU, TRL on CUDA and for QLoRA")

@@ -38,8 +38,10 @@ def test_demo_runs_the_whole_loop_on_the_tiny_model(tmp_path):
     assert (out / "report.md").exists() and (out / "plots" / "versions.png").exists()
     # where the time went: every round's steps, timed inside the whole run
     phases = report["phases"]
-    assert {"round 1: sample, judge, ledger", "round 2: DPO, merge, gate", "round 1: users through the gateway"} <= set(phases)
-    assert all(s > 0 for s in phases.values()) and sum(phases.values()) <= report["elapsed_s"]
+    assert {"round 1: sample, judge, ledger", "round 2: DPO, merge, gate",
+            "round 1: users through the gateway"} <= set(phases)
+    assert all(s >= 0 for s in phases.values()) and sum(phases.values()) <= report["elapsed_s"] + 0.05 * len(phases)
+    assert phases["round 1: sample, judge, ledger"] > 0 and phases["round 2: DPO, merge, gate"] > 0
     assert "Where the time went" in (out / "report.md").read_text()
     assert list((out / "plots").glob("training_*.png"))
 
