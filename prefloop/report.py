@@ -131,7 +131,7 @@ def write(r: DemoReport, out: Path) -> None:
     if r.phases:
         lines += ["", "Where the time went (seconds):", "", "| step | s |", "|---|---|",
                   *[f"| {name} | {sec} |" for name, sec in r.phases.items()],
-                  f"| report and the rest | {round(r.elapsed_s - sum(r.phases.values()), 1)} |"]
+                  f"| between the steps (ingest, logging) | {round(r.elapsed_s - sum(r.phases.values()), 1)} |"]
     rubric: dict[str, dict] = {}
     for v in r.versions:
         rubric.update(v["rubric"])
