@@ -4,7 +4,7 @@ Rows (each run in its own process, so its peak RSS is its own):
 - TRL DPOTrainer with TRL's defaults and seed 001's settings (fp32, LoRA r16 on q/v, batch 2 x 2,
   max_length 1024, TRL's default activation checkpointing): what the seed's code runs.
 - TRL DPOTrainer at prefloop's settings (same batch, LoRA targets, lengths, no activation
-  checkpointing, precomputed reference log-probs): like with like; the ratio is against this row.
+  checkpointing, precomputed reference log-probs): like with like for prefloop's first run.
 - prefloop's job (`services/trainer/lean_dpo.py`, the trainer's real path), first run;
 - the same pairs again with the reference log-probs cached (a replayed pair's cost);
 - prefloop's job at seed 001's settings with TRL's default memory policy (activation checkpointing,
@@ -100,8 +100,21 @@ def child(which: str, parent: Path, data: Path, cache: Path) -> None:
                                                     target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
         trainer.train()
     seconds = time.perf_counter() - started
-    print(json.dumps({"pairs": len(rows), "seconds": seconds,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # prefloop's loop runs the frozen base in bf16 where the CPU computes it natively; TRL's rows stay fp32 on CPU
+    ours = which.startswith("ours") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    print(json.dumps({"pairs": len(rows), "seconds": seconds, "base": "bf16" if ours else "fp32",
+                      "peak_mb": own_peak_mb()}))
+
+
+def own_peak_mb() -> float:
+    """This process's peak RSS since its exec. Not ru_maxrss: Linux carries the forking parent's peak
+    across exec into it, so every row showed at least the parent's RSS after it generated the pairs."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 ROWS = [("trl-seed", "TRL DPOTrainer, TRL defaults + seed 001 settings"),
@@ -134,10 +147,10 @@ def main() -> None:
     pairs = results["ours"]["pairs"]
     print(f"{args.model}: {pairs} pairs, 1 epoch, CPU, {SETTINGS['per_device_train_batch_size']} pairs per step "
           f"(each row in its own process)")
-    print(f"{'runner':<52}{'seconds':>9}{'pairs/s':>9}{'peak MB':>9}")
+    print(f"{'runner':<52}{'base':>6}{'seconds':>9}{'pairs/s':>9}{'peak MB':>9}")
     for which, label in ROWS:
         r = results[which]
-        print(f"{label:<52}{r['seconds']:>9.1f}{r['pairs'] / r['seconds']:>9.2f}{r['peak_mb']:>9.0f}")
+        print(f"{label:<52}{r['base']:>6}{r['seconds']:>9.1f}{r['pairs'] / r['seconds']:>9.2f}{r['peak_mb']:>9.0f}")
     for mine, theirs, what in (("ours", "trl-same", "prefloop's settings"),
                                ("ours-seed", "trl-seed", "TRL defaults + seed 001 settings, both checkpointing")):
         a, b = results[mine], results[theirs]
