@@ -111,15 +111,14 @@ def pair_logps(model, items: list[Encoded], pad_id: int, autocast: bool) -> tupl
     """`sequence_logps` of both sides of each pair ([pairs, 2] sums and counts), with the shared prompt
     computed once: one row per pair, prompt + chosen + rejected, where the rejected answer attends to
     the prompt and itself, never to the chosen answer, and its positions restart after the prompt.
-    The same numbers as two rows per pair (rounding aside) for ~22% fewer tokens on a SmolLM2 pair."""
+    The same numbers as two rows per pair (rounding aside), for the prompt's tokens once instead of twice."""
     rows, spans = [], []
     for e in items:
         p = e.prompt_len
         if e.chosen[:p] != e.rejected[:p]:
             raise ValueError(f"pair {e.pair_id}: chosen and rejected do not share their first {p} (prompt) tokens")
-        chosen, rejected = e.chosen[p:], e.rejected[p:]
-        rows.append(e.chosen[:p] + chosen + rejected)
-        spans.append((p, len(chosen), len(rejected)))
+        rows.append(e.chosen + e.rejected[p:])
+        spans.append((p, len(e.chosen) - p, len(e.rejected) - p))
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
@@ -150,7 +149,7 @@ def pair_logps(model, items: list[Encoded], pad_id: int, autocast: bool) -> tupl
         hidden = inner.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
         logits = inner.lm_head(hidden[at[:, 0], at[:, 1]]).float()
     owners = torch.tensor(owner)
-    targets = torch.tensor([tok for (p, c, r), row in zip(spans, rows) for tok in row[p:p + c] + row[p + c:p + c + r]])
+    targets = torch.tensor([tok for (p, _, _), row in zip(spans, rows) for tok in row[p:]])  # chosen, then rejected
     token_logps = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
     sums = torch.zeros(2 * len(rows), dtype=token_logps.dtype).index_add(0, owners, token_logps)
     counts = torch.bincount(owners, minlength=2 * len(rows))

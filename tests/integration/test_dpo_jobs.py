@@ -67,6 +67,7 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
     assert len({len(e.chosen) + len(e.rejected) for e in items}) > 1  # the batch needs padding
     cut = items[0]
     items.append(Encoded("cut", cut.chosen, cut.chosen[:cut.prompt_len], cut.prompt_len))  # empty rejected side
+    torch.manual_seed(0)  # the LoRA draws below
     for attention in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention)
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -89,7 +90,9 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
         row_grad = grads()
         assert torch.equal(packed_counts, counts.view(-1, 2)) and packed_counts[-1, 1] == 0
         assert torch.allclose(packed, rows.view(-1, 2), rtol=1e-5, atol=1e-4), (attention, packed, rows)
-        assert torch.allclose(packed_grad, row_grad, rtol=1e-4, atol=1e-6), attention
+        # elementwise closeness fails on some draws for a near-zero entry (summation order); the error
+        # relative to the gradient's norm is ~1e-6 across seeds, and large when the mask is wrong
+        assert (packed_grad - row_grad).norm() <= 1e-5 * row_grad.norm(), attention
         # either answer may come second: the chosen one, scored behind the rejected one, is unchanged
         swapped = Encoded("x", items[1].rejected, items[1].chosen, items[1].prompt_len)
         second = float(pair_logps(model, [swapped], pad, False)[0][0, 1].detach())
