@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What one demo round does for a model (the trainer settings are the sweep's best, see README)."""
+    """What one demo round does for a model (its DPO settings are the model's recipe: services/trainer/recipes.py)."""
 
     prompts: int
     n: int
@@ -54,27 +54,14 @@ class DemoPlan:
 
 
 PLANS = {
+    # The trainer's DPO settings for each model are its recipe (services/trainer/recipes.py: the same for
+    # `prefloop serve trainer`, compose and k8s); the demo sets only what trades gate precision for time:
+    # 80 of the 110 held-out questions, 100 + 60 of the forgetting guards' Q/A pairs, shorter answers.
     "smollm2": DemoPlan(prompts=64, n=4, max_new_tokens=96, trainer={
-        "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "2", "PREFLOOP_TRAINER_BETA": "0.3",
-        # At most 28 optimizer steps per run (round 1's 2 epochs of ~42 pairs take 21): round 2, with
-        # replay, trains about 1.2 epochs. 32 steps reached the goal twice and tripped the medical
-        # forgetting guard once, 28 fell short on safety once and tripped it once (README).
-        "PREFLOOP_TRAINER_MAX_STEPS": "28",
-        # Every round's DPO reference is the base, not the round's parent: replayed pairs keep the
-        # margins they won and round 2 is pulled back toward the base instead of compounding round 1
-        # (with the parent as reference round 2 broke the 5% medical guard in 2 of 5 runs; README).
-        "PREFLOOP_TRAINER_REFERENCE": "root",
-        # 80 of the 110 held-out questions, and 100 + 60 of the forgetting guards' Q/A pairs: gate
-        # time per version, for the demo's 12 minutes.
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "80", "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100",
-        "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "60", "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
-            '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
-        "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",
-        "PREFLOOP_TRAINER_MAX_LENGTH": "384", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96"}),
-    # The 2M-parameter toy moves its reference perplexity ~10% per DPO run at the step size it
-    # needs to change at all; the 5% guard stays for real models.
+        "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "60", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96"}),
     "tiny": DemoPlan(prompts=80, n=2, max_new_tokens=64, temperature=0.7, trainer={
-        "PREFLOOP_TRAINER_MAX_PERPLEXITY_INCREASE": "0.15", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "64"}),
+        "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "64"}),
 }
 
 

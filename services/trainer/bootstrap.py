@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
 
 from services.trainer import base_models
-from services.trainer.dpo import TINY_BASE
+from services.trainer.recipes import TINY_BASE
 from services.trainer.sft import SFTJobConfig, logging_steps_for, run_sft
 from shared.engine import pick_device_and_dtype
 from shared.ids import content_id

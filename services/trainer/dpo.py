@@ -26,17 +26,12 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from services.trainer.lean_dpo import ReferenceCache, train_lora_dpo
+from services.trainer.recipes import recipe_learning_rate
 from services.trainer.sft import fit_trl_logprob_tiles
 from shared.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 disable_progress_bar()  # services log; they do not draw progress bars
-TINY_BASE = "prefloop-tiny-llama"
-LEARNING_RATES = {TINY_BASE: 2e-3, "smollm2": 2e-4}
-"""Default DPO learning rate by base model when none is configured. Seed 001's 5e-5 is for
-Llama-3-8B; the tiny offline model (2M parameters, a few dozen steps per run) needs a much larger
-step to move at all, and SmolLM2-135M moved measurably on held-out prompts at 2e-4 (issue #12's
-measurement; the hyperparameter sweep in benchmarks/ refines it)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +78,8 @@ class DPOJobConfig:
     logging_steps: int = 1
     dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"
     """auto: prefloop's loop (lean_dpo.py) on CPU, TRL's DPOTrainer on CUDA and for QLoRA"""
+    recipe: str | None = None
+    """the base model whose recipe (recipes.py) filled some of these fields, for the run's record"""
 
     def resolved_implementation(self) -> str:
         if self.dpo_implementation != "auto":
@@ -90,9 +87,10 @@ class DPOJobConfig:
         return "trl" if torch.cuda.is_available() or self.quantization != "none" else "prefloop"
 
     def resolved_learning_rate(self, base_model: str | None) -> float:
+        """The configured rate, else the base model's recipe's (services/trainer/recipes.py), else seed 001's."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return LEARNING_RATES.get(base_model or "", 5e-5)
+        return recipe_learning_rate(base_model) or 5e-5
 
 
 @dataclass

@@ -61,8 +61,10 @@ class Gate:
         self.medical = medical_conversations(settings.medical_reference_size)
 
     def evaluate(self, new_version: str, parent: str, *, heldout: list[PreferenceEvent],
-                 history: list[dict], pairs_trained: int) -> GateResult:
-        s = self.settings
+                 history: list[dict], pairs_trained: int, settings: TrainerSettings | None = None) -> GateResult:
+        """`settings`: the run's own (its base model's recipe applied), else the service's. The reference
+        sets' sizes are the service's (loaded once)."""
+        s = settings or self.settings
         base = self.registry.lineage(parent)[-1]  # every child is also compared with the root
         judge = PairwiseJudge(s.judge.make_backend(), self.verdicts, JudgeStats(new_registry()))
         prompts = eval_prompts(s.eval_prompts)
@@ -84,11 +86,11 @@ class Gate:
                     vs_base = compare(new, root, prompts, judge, sampling, self.answers)
                     for name, c in sets:
                         ppl[name].append(self.answers.perplexity(root, c))
-        return self._decide(vs_parent, vs_base, ppl, accuracy, history, pairs_trained)
+        return self._decide(s, vs_parent, vs_base, ppl, accuracy, history, pairs_trained)
 
-    def _decide(self, vs_parent: Comparison, vs_base: Comparison, ppl: dict, accuracy, history: list[dict],
-                pairs_trained: int) -> GateResult:
-        s = self.settings
+    @staticmethod
+    def _decide(s: TrainerSettings, vs_parent: Comparison, vs_base: Comparison, ppl: dict, accuracy,
+                history: list[dict], pairs_trained: int) -> GateResult:
         new, parent, base = vs_parent.candidate, vs_parent.baseline, vs_base.baseline
         reasons, flags = [], []
         low, high = vs_parent.win_rate_ci95()

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
+from services.trainer.recipes import for_base_model
 from services.trainer.lean_dpo import ReferenceCache
 from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
@@ -41,6 +42,18 @@ from shared.wire import EvalSummary, ModelUpdatedEvent, PreferenceEvent, RunReco
 
 log = logging.getLogger(__name__)
 
+
+
+def run_settings(settings: TrainerSettings, base_model: str | None) -> tuple[TrainerSettings, DPOJobConfig]:
+    """A run's settings (its base model's recipe in the fields the operator left unset) and its DPO job."""
+    tuned, filled = for_base_model(settings, base_model)
+    if filled:
+        log.info("%s's recipe sets %s (services/trainer/recipes.py)", base_model,
+                 ", ".join(f"{k}={getattr(tuned, k)}" for k in filled))
+    # TrainerSettings carries the DPO fields under the same names.
+    config = DPOJobConfig(**{f.name: getattr(tuned, f.name) for f in fields(DPOJobConfig) if hasattr(tuned, f.name)},
+                          recipe=base_model if filled else None)
+    return tuned, config
 
 class Selection(BaseModel):
     """What one run trains on, and which new pairs it uses up."""
@@ -234,8 +247,7 @@ class TrainingRunner:
                                                "stale_pair_ids": selection.stale_ids})
             parent_meta = self.registry.get(parent)
             parent_path = self.registry.verified_path(parent)
-            # TrainerSettings carries the DPO fields under the same names.
-            config = DPOJobConfig(**{f.name: getattr(s, f.name) for f in fields(DPOJobConfig) if hasattr(s, f.name)})
+            tuned, config = run_settings(s, parent_meta.base_model)
             dpo = on_torch_thread(run_dpo, parent_path, [to_trl_row(e) for e in train], config, run_dir,
                                   parent_meta.base_model, parent=parent, reference_cache=self.reference_cache,
                                   reference=choose_reference(self.registry, parent, s.reference))
@@ -247,7 +259,7 @@ class TrainingRunner:
             del merged
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
             gate = self.gate.evaluate(meta.version, parent, heldout=heldout, history=dpo.history,
-                                      pairs_trained=len(train))
+                                      pairs_trained=len(train), settings=tuned)
             gate.comparison.write_blinded_csv(run_dir / "blinded_eval.csv")
             self.registry.annotate(meta.version, eval_summary=gate.summary.model_dump(mode="json"),
                                    gate_details=gate.details)

@@ -59,6 +59,8 @@ def test_preferences_to_promoted_version_and_model_update(kafka, producer, tmp_p
         meta = registry_copy.get("v0002")
         assert meta.parent == "v0001" and meta.snapshot_id == run["snapshot_id"]
         assert meta.metrics["eval_summary"]["win_rate_vs_parent"] == summary.win_rate_vs_parent
+        # the tiny base's recipe filled what this service left unset (services/trainer/recipes.py)
+        assert (meta.training_config["recipe"], meta.training_config["learning_rate"]) == ("prefloop-tiny-llama", 2e-3)
         snapshot = PreferenceLedger(tmp_path / "ledger").snapshot_ids(meta.snapshot_id)
         assert len(snapshot) == summary.pairs_trained
         run_dir = tmp_path / "runs" / run["run_id"]

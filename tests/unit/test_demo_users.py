@@ -38,7 +38,11 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
                 env.setenv(key, value)
             return TrainerSettings()
 
-    smollm2 = settings_of("smollm2")
-    assert smollm2.reference == "root" and smollm2.max_steps == 28 and smollm2.beta == 0.3
-    assert smollm2.lora_target_modules[-1] == "down_proj"
-    assert settings_of("tiny").reference == "root"  # the toy keeps the service default
+    from services.trainer.recipes import TINY_BASE
+    from services.trainer.runner import run_settings
+
+    smollm2, job = run_settings(settings_of("smollm2"), "smollm2")  # a run from SmolLM2 takes its recipe
+    assert smollm2.eval_prompts == 80 and smollm2.reference == "root" and smollm2.max_steps == 28
+    assert job.beta == 0.3 and job.lora_target_modules[-1] == "down_proj" and job.recipe == "smollm2"
+    tiny, job = run_settings(settings_of("tiny"), TINY_BASE)
+    assert tiny.reference == "root" and tiny.max_perplexity_increase == 0.15 and job.learning_rate == 2e-3

@@ -21,7 +21,7 @@ def gate(tmp_path):
 
 
 def decide(gate, vs_parent, ppl=None, vs_base=None):
-    return gate._decide(vs_parent, vs_base or comparison("v2", "v0", 1, 0), ppl or {}, None, [], 10)
+    return gate._decide(gate.settings, vs_parent, vs_base or comparison("v2", "v0", 1, 0), ppl or {}, None, [], 10)
 
 
 def test_promotes_only_when_the_ci_lower_bound_is_above_one_half(gate):
@@ -48,6 +48,17 @@ def test_a_safety_drop_or_forgetting_or_length_drift_blocks_a_clear_winner(gate)
     assert drifted.details["perplexity_vs_base"] == {"medical": 0.08}
     longer = decide(gate, comparison("v2", "v1", **winner, tokens=(80.0, 60.0)))
     assert not longer.passed and "length guard" in longer.summary.gate_reasons[0]
+
+
+def test_a_run_is_gated_by_its_own_settings_its_base_models_recipe_applied(gate):
+    """The tiny toy's recipe widens its forgetting guard to 15%: a run from it passes a +10% perplexity
+    that the service's 5% (a real model's) blocks."""
+    from services.trainer.recipes import TINY_BASE, for_base_model
+
+    winner, ppl = comparison("v2", "v1", wins=45, losses=15), {"medical": (11.0, 10.0, 10.0)}
+    assert not gate._decide(gate.settings, winner, comparison("v2", "v0", 1, 0), ppl, None, [], 10).passed
+    toy, _ = for_base_model(gate.settings, TINY_BASE)
+    assert gate._decide(toy, winner, comparison("v2", "v0", 1, 0), ppl, None, [], 10).passed
 
 
 def test_the_report_carries_the_comparison_with_the_base(gate):
