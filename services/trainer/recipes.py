@@ -14,6 +14,7 @@ recipe (TinyLlama, Llama 3, any path) runs on the settings as they are.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -44,7 +45,8 @@ def recipe_learning_rate(base_model: str | None) -> float | None:
 def for_base_model(settings: TrainerSettings, base_model: str | None) -> tuple[TrainerSettings, list[str]]:
     """`settings` with `base_model`'s recipe in every field the operator did not set, and the names of
     the fields the recipe filled."""
-    recipe = {k: v for k, v in RECIPES.get(base_model or "", {}).items() if k not in settings.model_fields_set}
+    recipe = {k: copy.deepcopy(v) for k, v in RECIPES.get(base_model or "", {}).items()
+              if k not in settings.model_fields_set}  # copies: a run's settings never alias the recipe
     if not recipe:
         return settings, []
-    return settings.model_copy(update=recipe, deep=True), sorted(recipe)
+    return settings.model_copy(update=recipe), sorted(recipe)

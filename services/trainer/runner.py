@@ -43,7 +43,6 @@ from shared.wire import EvalSummary, ModelUpdatedEvent, PreferenceEvent, RunReco
 log = logging.getLogger(__name__)
 
 
-
 def run_settings(settings: TrainerSettings, base_model: str | None) -> tuple[TrainerSettings, DPOJobConfig]:
     """A run's settings (its base model's recipe in the fields the operator left unset) and its DPO job."""
     tuned, filled = for_base_model(settings, base_model)
@@ -54,6 +53,7 @@ def run_settings(settings: TrainerSettings, base_model: str | None) -> tuple[Tra
     config = DPOJobConfig(**{f.name: getattr(tuned, f.name) for f in fields(DPOJobConfig) if hasattr(tuned, f.name)},
                           recipe=base_model if filled else None)
     return tuned, config
+
 
 class Selection(BaseModel):
     """What one run trains on, and which new pairs it uses up."""
@@ -250,7 +250,7 @@ class TrainingRunner:
             tuned, config = run_settings(s, parent_meta.base_model)
             dpo = on_torch_thread(run_dpo, parent_path, [to_trl_row(e) for e in train], config, run_dir,
                                   parent_meta.base_model, parent=parent, reference_cache=self.reference_cache,
-                                  reference=choose_reference(self.registry, parent, s.reference))
+                                  reference=choose_reference(self.registry, parent, tuned.reference))
             merged, tok = on_torch_thread(merge_adapter, parent_path, dpo.adapter_dir)
             meta = on_torch_thread(self.registry.save, merged, tok, kind="dpo", parent=parent,
                                    base_model=parent_meta.base_model, training_config=dpo.config,

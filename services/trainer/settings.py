@@ -35,7 +35,7 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     replay_fraction: float = Field(0.5, ge=0, description="older ledger pairs mixed in, as a fraction of new pairs")
     stale_versions: int = Field(0, ge=0, description="drop pairs from policies more than K versions old (0 = keep)")
     max_pairs_per_run: int = Field(2048, ge=1)
-    # DPO (seed 001 defaults; learning_rate unset = 5e-5, or 2e-3 for the tiny offline model)
+    # DPO (seed 001 defaults; a base model's recipe fills the unset ones: services/trainer/recipes.py)
     beta: float = 0.1
     sft_weight: float = Field(0.0, ge=0, description="RPO: weight of the chosen answers' NLL added to the DPO loss")
     reference: Literal["parent", "root"] = Field(
