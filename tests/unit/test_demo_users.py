@@ -41,8 +41,23 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
     from services.trainer.recipes import TINY_BASE
     from services.trainer.runner import run_settings
 
-    smollm2, job = run_settings(settings_of("smollm2"), "smollm2")  # a run from SmolLM2 takes its recipe
-    assert smollm2.eval_prompts == 80 and smollm2.reference == "root" and smollm2.max_steps == 28
-    assert job.beta == 0.3 and job.lora_target_modules[-1] == "down_proj" and job.recipe == "smollm2"
-    tiny, job = run_settings(settings_of("tiny"), TINY_BASE)
-    assert tiny.reference == "root" and tiny.max_perplexity_increase == 0.15 and job.learning_rate == 2e-3
+    # What the demo trained on before the recipes (its plans' PREFLOOP_TRAINER_* at 1d0386e^, the
+    # settings of the README's runs 1-5): the demo's plan plus the model's recipe must give exactly that.
+    smollm2_before = {
+        "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "2", "PREFLOOP_TRAINER_BETA": "0.3", "PREFLOOP_TRAINER_MAX_STEPS": "28",
+        "PREFLOOP_TRAINER_REFERENCE": "root", "PREFLOOP_TRAINER_EVAL_PROMPTS": "80",
+        "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100", "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "60",
+        "PREFLOOP_TRAINER_LORA_TARGET_MODULES": '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
+        "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",
+        "PREFLOOP_TRAINER_MAX_LENGTH": "384", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96",
+        "PREFLOOP_TRAINER_LEARNING_RATE": "2e-4"}  # then from dpo.LEARNING_RATES, by base model
+    tiny_before = {"PREFLOOP_TRAINER_MAX_PERPLEXITY_INCREASE": "0.15", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "64",
+                   "PREFLOOP_TRAINER_LEARNING_RATE": "2e-3"}
+    for plan, base, before in (("smollm2", "smollm2", smollm2_before), ("tiny", TINY_BASE, tiny_before)):
+        with monkeypatch.context() as env:
+            for key, value in before.items():
+                env.setenv(key, value)
+            expected = TrainerSettings()
+        tuned, job = run_settings(settings_of(plan), base)
+        assert tuned.model_dump() == expected.model_dump(), plan
+        assert job.recipe == base and job.resolved_learning_rate(base) == expected.learning_rate

@@ -4,9 +4,13 @@ left unset, never what they set, and a model without one trains on the settings 
 import pytest
 
 from services.trainer.dpo import DPOJobConfig
-from services.trainer.recipes import RECIPES, TINY_BASE, for_base_model
+from services.trainer.base_models import PRESETS, preset_file
+from services.trainer.recipes import RECIPES, SOURCE_DIGESTS, TINY_BASE, for_base_model, recipe_name
 from services.trainer.runner import run_settings
 from services.trainer.settings import TrainerSettings
+from shared.registry import ModelSource, VersionMeta, sha256_file
+
+SMOLLM2_GGUF = sha256_file(preset_file(PRESETS["smollm2"]))
 
 
 @pytest.mark.parametrize("base", sorted(RECIPES))
@@ -24,7 +28,9 @@ def test_smollm2_trains_on_its_recipe_not_on_seed_001s_llama_settings():
     assert (job.per_device_train_batch_size, job.gradient_accumulation_steps, job.max_length) == (4, 1, 384)
     assert len(job.lora_target_modules) == 7 and job.recipe == "smollm2"
     assert tuned.max_perplexity_increase == 0.05  # the 5% forgetting guard stays for a real model
-    assert default.beta == 0.1  # the service's own settings are not changed by a run
+    assert default.model_dump() == TrainerSettings().model_dump()  # a run never changes the service's settings
+    job.lora_target_modules.append("lm_head")
+    assert RECIPES["smollm2"]["lora_target_modules"][-1] == "down_proj"  # nor the recipe
 
 
 def test_a_setting_the_operator_made_wins_over_the_recipe(monkeypatch):
@@ -47,3 +53,34 @@ def test_the_tiny_model_moves_at_its_learning_rate_and_gets_its_wider_forgetting
     tuned, job = run_settings(TrainerSettings(), TINY_BASE)
     assert job.resolved_learning_rate(TINY_BASE) == 2e-3 and tuned.max_perplexity_increase == 0.15
     assert DPOJobConfig().resolved_learning_rate(TINY_BASE) == 2e-3  # a job made directly (benchmarks) too
+
+
+def test_the_installed_smollm2_file_is_the_one_whose_digest_names_the_recipe():
+    assert SOURCE_DIGESTS[SMOLLM2_GGUF] == "smollm2"
+
+
+def gguf(path: str, digest: str) -> VersionMeta:
+    return VersionMeta(version="v0001", kind="base", base_model=path,
+                       source=ModelSource(kind="gguf", name=path, file=path.rsplit("/", 1)[-1], sha256=digest))
+
+
+@pytest.mark.parametrize(("meta", "recipe"), [
+    (VersionMeta(version="v0001", kind="base", base_model="smollm2",
+                 source=ModelSource(kind="preset", name="smollm2", sha256=SMOLLM2_GGUF)), "smollm2"),
+    # SmolLM2's file copied anywhere and bootstrapped by path (`prefloop demo --model PATH` too)
+    (gguf("/models/any-name.gguf", SMOLLM2_GGUF), "smollm2"),
+    (gguf("/models/SmolLM2-135M-Instruct.Q4_1.gguf", "0" * 64), None),  # a file is known by content, not name
+    (VersionMeta(version="v0001", kind="base", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                 source=ModelSource(kind="hf", name="HuggingFaceTB/SmolLM2-135M-Instruct")), "smollm2"),
+    (VersionMeta(version="v0001", kind="base", base_model="/srv/models/smollm2-135m-instruct",
+                 source=ModelSource(kind="hf", name="/srv/models/smollm2-135m-instruct", sha256="1" * 64)), "smollm2"),
+    (VersionMeta(version="v0001", kind="base", base_model="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                 source=ModelSource(kind="hf", name="TinyLlama/TinyLlama-1.1B-Chat-v1.0")), None),
+    (VersionMeta(version="v0001", kind="sft", base_model=TINY_BASE,
+                 source=ModelSource(kind="tiny", name=TINY_BASE)), TINY_BASE),
+    (VersionMeta(version="v0001", kind="base", base_model="/m/llama3.gguf"), None),  # no provenance recorded
+])
+def test_a_base_model_is_known_by_preset_file_digest_or_hub_name(meta, recipe):
+    assert recipe_name(meta.base_model, meta.source) == recipe
+    tuned, job = run_settings(TrainerSettings(), recipe_name(meta.base_model, meta.source))
+    assert job.recipe == recipe and (tuned.beta == 0.3) == (recipe == "smollm2")
