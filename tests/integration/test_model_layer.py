@@ -124,3 +124,23 @@ def test_bootstrap_with_a_real_base_runs_lora_sft_and_registers_it(tiny_registry
     reloaded = GenerationEngine.from_registry(reg)
     assert not any(name for name, _ in reloaded.model.named_modules() if "lora" in name.lower())  # merged
     assert reloaded.generate([GenerationRequest(ask("How do I sleep better?"), SamplingParams(max_new_tokens=16))])[0].candidates
+
+
+def test_perplexity_scores_each_answer_alone_whatever_the_batch(engine):
+    """The gate's forgetting guard: the batched, right-padded perplexity of the answers equals the one
+    from the per-conversation sums of the answers' log-probs (`_answer_logps`, one unpadded forward
+    each), and neither the batch size nor the neighbours' padding changes it."""
+    import math
+
+    from shared.alignment_data import general_conversations, medical_conversations
+    from shared.evaluation import _answer_logps, perplexity
+
+    conversations = medical_conversations(7) + general_conversations(6)  # different lengths: padding in a batch
+    assert len({len(str(c)) for c in conversations}) > 5
+    logps, tokens = zip(*(_answer_logps(engine.model, engine.tokenizer, c[:-1], c[-1]["content"])
+                          for c in conversations))
+    expected = math.exp(-sum(logps) / sum(tokens))
+    for batch_size in (1, 4, 8):
+        assert math.isclose(perplexity(engine, conversations, batch_size=batch_size), expected, rel_tol=1e-4)
+    one = perplexity(engine, conversations[:1])
+    assert not math.isclose(one, expected, rel_tol=1e-3)  # the value depends on which answers are scored
