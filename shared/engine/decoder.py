@@ -141,6 +141,12 @@ class SlotDecoder:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
+        self.contiguous_keys = self.device.type == "cpu" and self.dtype != torch.float32
+        """copy a layer's keys out of the cache before the scores' matmul: on CPU a reduced-precision bmm
+        turns a strided, transposed operand into a transposed copy itself, which is slower than copying
+        the keys as they lie (bitwise the same scores). SmolLM2 in bf16, 32 rows, 2 cores: 62.5 and 67.7
+        ms per decode step against 70.2 and 72.7 without (two runs each). In fp32 the strided bmm
+        copies nothing and the copy would only add."""
         self.max_rows = max(ROW_BLOCK, max_rows)
         """slots the cache is allocated for (its pages are touched only as rows use them)"""
         self.k = self.v = torch.empty(0)
@@ -302,6 +308,8 @@ class SlotDecoder:
             self.k[i, kv_rows, kv_pos] = k.reshape(n * h, d)
             self.v[i, kv_rows, kv_pos] = v.reshape(n * h, d)
             keys, values = self.k[i, :n * h, :length], self.v[i, :n * h, :length]  # strided views: no copy
+            if self.contiguous_keys:
+                keys = keys.contiguous()
             scores = torch.bmm(q.reshape(n * h, self.group, d), keys.transpose(1, 2))  # [n * kv_heads, group, length]
             weights = scores.float().mul_(self.scaling).add_(mask).softmax(-1).to(self.dtype)
             o = torch.bmm(weights, values).reshape(n, self.heads * d)
