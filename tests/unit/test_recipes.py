@@ -27,7 +27,7 @@ def test_smollm2_trains_on_its_recipe_not_on_seed_001s_llama_settings():
     default = TrainerSettings()
     assert (default.beta, default.learning_rate, default.lora_target_modules) == (0.1, None, ["q_proj", "v_proj"])
     tuned, job = run_settings(default, "smollm2")
-    assert (job.beta, job.learning_rate, job.num_train_epochs, job.max_steps) == (0.3, 2e-4, 2.0, 28)
+    assert (job.beta, job.learning_rate, job.num_train_epochs, job.max_steps) == (0.3, 2e-4, 3.0, 28)
     assert (job.per_device_train_batch_size, job.gradient_accumulation_steps, job.max_length) == (4, 1, 384)
     assert len(job.lora_target_modules) == 7 and job.recipe == "smollm2"
     assert tuned.max_perplexity_increase == 0.05  # the 5% forgetting guard stays for a real model
