@@ -181,11 +181,17 @@ def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, 
     return result
 
 
+def frozen_dtype() -> torch.dtype:
+    """What prefloop's CPU loop loads the frozen base and the reference in: bf16 where the CPU computes it
+    natively, else fp32 (the LoRA adapter trains in fp32 either way)."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, base_model: str | None,
               parent: str, cache: ReferenceCache | None, reference: Reference | None) -> DPOResult:
     """prefloop's CPU loop: frozen base in bf16 where the CPU computes it natively, cached references."""
     tok = AutoTokenizer.from_pretrained(str(parent_path))
-    dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    dtype = frozen_dtype()
     model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=dtype)
     # the reference's log-probs are cached, so the root is loaded only when some are missing
     load_reference = ((lambda: AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype))

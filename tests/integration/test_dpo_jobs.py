@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from services.trainer.dpo import DPOJobConfig, Reference, choose_reference, merge_adapter, run_dpo
+from services.trainer.dpo import DPOJobConfig, Reference, choose_reference, frozen_dtype, merge_adapter, run_dpo
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from shared.registry import ModelRegistry
 
@@ -204,10 +204,11 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     assert len(stored) == 4 and not cache.get(child, [encode(tok, r, 256).pair_id for r in rows + fresh_rows])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     sequences = [(ids, e.prompt_len) for e in encoded for ids in (e.chosen, e.rejected)]
+    # in the dtype the loop scored them in (bf16 where the CPU computes it natively: 0.5% off fp32)
+    load = {name: AutoModelForCausalLM.from_pretrained(str(path), dtype=frozen_dtype())
+            for name, path in (("root", root), ("child", child_path))}
     with torch.no_grad():
-        by = {name: [float(x) for x in sequence_logps(AutoModelForCausalLM.from_pretrained(str(path)), sequences,
-                                                       pad, False)[0]]
-              for name, path in (("root", root), ("child", child_path))}
+        by = {name: [float(x) for x in sequence_logps(model, sequences, pad, False)[0]] for name, model in load.items()}
     kept = [x for e in encoded for x in stored[e.pair_id]]
     assert max(abs(r - c) / abs(r) for r, c in zip(by["root"], by["child"])) > 1e-2  # the check tells them apart
     assert all(abs(k - r) < 1e-3 * abs(r) for k, r in zip(kept, by["root"]))

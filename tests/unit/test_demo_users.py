@@ -48,7 +48,8 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
         "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "3", "PREFLOOP_TRAINER_BETA": "0.3", "PREFLOOP_TRAINER_MAX_STEPS": "28",
         "PREFLOOP_TRAINER_REFERENCE": "root", "PREFLOOP_TRAINER_EVAL_PROMPTS": "80",
         "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100", "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "60",
-        "PREFLOOP_TRAINER_LORA_TARGET_MODULES": '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
+        "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
+            '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
         "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",
         "PREFLOOP_TRAINER_MAX_LENGTH": "384", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96",
         "PREFLOOP_TRAINER_LEARNING_RATE": "2e-4"}  # then from dpo.LEARNING_RATES, by base model
