@@ -210,8 +210,15 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     with torch.no_grad():
         by = {name: [float(x) for x in sequence_logps(model, sequences, pad, False)[0]] for name, model in load.items()}
     kept = [x for e in encoded for x in stored[e.pair_id]]
-    assert max(abs(r - c) / abs(r) for r, c in zip(by["root"], by["child"])) > 1e-2  # the check tells them apart
-    assert all(abs(k - r) < 1e-3 * abs(r) for k, r in zip(kept, by["root"]))
+
+    def worst(values: list[float], against: list[float]) -> float:
+        return max(abs(v - a) / abs(a) for v, a in zip(values, against))
+
+    # bf16 rounds the loop's packed pair rows and these single sequences differently: 9e-6 to 6e-4
+    # here, more than 1e-3 in one CI run
+    tolerance = 1e-3 if frozen_dtype() == torch.float32 else 1e-2
+    assert worst(by["root"], by["child"]) > 10 * tolerance  # the check tells them apart (0.31-0.61 in bf16)
+    assert worst(kept, by["root"]) < tolerance, (worst(kept, by["root"]), worst(kept, by["child"]))
 
     parented = run_dpo(child_path, rows, DPOJobConfig(**{**config.__dict__, "max_steps": 1}), tmp_path / "r3",
                        parent=child, reference_cache=cache)
