@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo  # noqa: E402
+from services.trainer.recipes import recipe_name  # noqa: E402
 from services.trainer.ledger import PreferenceLedger, to_trl_row  # noqa: E402
 from shared.alignment_data import general_conversations, medical_conversations  # noqa: E402
 from shared.engine import GenerationEngine  # noqa: E402
@@ -91,7 +92,8 @@ def main() -> None:
             shutil.copytree(args.state / "registry" / version, registry_dir / version)
     registry = ModelRegistry(registry_dir)
     root = lineage[-1]
-    base_model = registry.get(parent).base_model
+    parent_meta = registry.get(parent)
+    base_model, recipe = parent_meta.base_model, recipe_name(parent_meta.base_model, parent_meta.source)
     medical, general = medical_conversations(args.medical), general_conversations(args.general)
     before = {}
     for version in dict.fromkeys([parent, root]):
@@ -107,7 +109,7 @@ def main() -> None:
         started = time.monotonic()
         name = ("all pairs" if variant == "all" else f"without {variant}") + f", ref {reference}"
         dpo = run_dpo(registry.verified_path(parent), rows, dataclasses.replace(config, reference=reference),
-                      work / "runs" / name.replace(" ", "_").replace(",", ""), base_model, parent=parent,
+                      work / "runs" / name.replace(" ", "_").replace(",", ""), recipe, parent=parent,
                       reference=choose_reference(registry, parent, reference))
         merged, tok = merge_adapter(registry.verified_path(parent), dpo.adapter_dir)
         version = registry.save(merged, tok, kind="dpo", parent=parent, base_model=base_model,

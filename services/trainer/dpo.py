@@ -28,6 +28,7 @@ from trl import DPOConfig, DPOTrainer
 from services.trainer.lean_dpo import ReferenceCache, train_lora_dpo
 from services.trainer.recipes import recipe_learning_rate
 from services.trainer.sft import fit_trl_logprob_tiles
+from shared.engine import inference_dtype
 from shared.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -86,11 +87,12 @@ class DPOJobConfig:
             return self.dpo_implementation
         return "trl" if torch.cuda.is_available() or self.quantization != "none" else "prefloop"
 
-    def resolved_learning_rate(self, base_model: str | None) -> float:
-        """The configured rate, else the base model's recipe's (services/trainer/recipes.py), else seed 001's."""
+    def resolved_learning_rate(self, recipe: str | None) -> float:
+        """The configured rate, else the recipe's (services/trainer/recipes.py; `recipe` is a recipe's name,
+        `recipe_name(meta.base_model, meta.source)`), else seed 001's."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return recipe_learning_rate(base_model) or 5e-5
+        return recipe_learning_rate(recipe) or 5e-5
 
 
 @dataclass
@@ -128,21 +130,21 @@ def load_policy(path: Path, quantization: str):
 
 
 def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path,
-            base_model: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None,
+            recipe: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None,
             reference: Reference | None = None) -> DPOResult:
     """Train a LoRA adapter on conversational preference rows (prompt/chosen/rejected).
     `reference`: the reference model when it is not the parent (`choose_reference`); this argument,
     not `config.reference` (recorded with the run), decides which model is the reference."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
-        return _run_lean(parent_path, rows, config, run_dir, base_model, parent, reference_cache, reference)
+        return _run_lean(parent_path, rows, config, run_dir, recipe, parent, reference_cache, reference)
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"
     model = load_policy(parent_path, config.quantization)
     fit_trl_logprob_tiles(model)
     ref_model = load_policy(reference.weights(), config.quantization) if reference else None
-    lr = config.resolved_learning_rate(base_model)
+    lr = config.resolved_learning_rate(recipe)
     args = DPOConfig(
         output_dir=str(run_dir / "trainer"), beta=config.beta, learning_rate=lr,
         **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]} if config.sft_weight else {}),
@@ -183,11 +185,11 @@ def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, 
 
 def frozen_dtype() -> torch.dtype:
     """What prefloop's CPU loop loads the frozen base and the reference in: bf16 where the CPU computes it
-    natively, else fp32 (the LoRA adapter trains in fp32 either way)."""
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    natively, else fp32 (the LoRA adapter trains in fp32 either way): the engine's rule for the CPU."""
+    return inference_dtype("auto", torch.device("cpu"))
 
 
-def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, base_model: str | None,
+def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, recipe: str | None,
               parent: str, cache: ReferenceCache | None, reference: Reference | None) -> DPOResult:
     """prefloop's CPU loop: frozen base in bf16 where the CPU computes it natively, cached references."""
     tok = AutoTokenizer.from_pretrained(str(parent_path))
@@ -196,7 +198,7 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
     # the reference's log-probs are cached, so the root is loaded only when some are missing
     load_reference = ((lambda: AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype))
                       if reference else None)
-    lr = config.resolved_learning_rate(base_model)
+    lr = config.resolved_learning_rate(recipe)
     metrics = run_dir / "metrics.jsonl"
     started = time.monotonic()
 

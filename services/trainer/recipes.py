@@ -73,8 +73,9 @@ def recipe_name(base_model: str | None, source: ModelSource | None = None) -> st
     return HUB_NAMES.get(PurePath(source.name).name.lower()) if source.kind == "hf" else None
 
 
-def recipe_learning_rate(base_model: str | None) -> float | None:
-    return RECIPES.get(base_model or "", {}).get("learning_rate")
+def recipe_learning_rate(recipe: str | None) -> float | None:
+    """The learning rate of the recipe named `recipe` (a `recipe_name`), if it sets one."""
+    return RECIPES.get(recipe or "", {}).get("learning_rate")
 
 
 def for_base_model(settings: TrainerSettings, base_model: str | None) -> tuple[TrainerSettings, list[str]]:

@@ -248,9 +248,10 @@ class TrainingRunner:
                                                "stale_pair_ids": selection.stale_ids})
             parent_meta = self.registry.get(parent)
             parent_path = self.registry.verified_path(parent)
-            tuned, config = run_settings(s, recipe_name(parent_meta.base_model, parent_meta.source))
+            recipe = recipe_name(parent_meta.base_model, parent_meta.source)
+            tuned, config = run_settings(s, recipe)
             dpo = on_torch_thread(run_dpo, parent_path, [to_trl_row(e) for e in train], config, run_dir,
-                                  parent_meta.base_model, parent=parent, reference_cache=self.reference_cache,
+                                  recipe, parent=parent, reference_cache=self.reference_cache,
                                   reference=choose_reference(self.registry, parent, tuned.reference))
             merged, tok = on_torch_thread(merge_adapter, parent_path, dpo.adapter_dir)
             meta = on_torch_thread(self.registry.save, merged, tok, kind="dpo", parent=parent,

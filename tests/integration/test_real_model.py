@@ -97,7 +97,7 @@ def test_a_short_dpo_run_changes_the_weights_and_the_merged_version_reloads_exac
              "rejected": [{"role": "assistant", "content": "It is nothing. Ignore it."}]} for p in prompts]
     config = DPOJobConfig(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=256,
                           learning_rate=1e-3, lora_target_modules=["q_proj", "v_proj"])
-    result = run_dpo(parent_path, rows, config, tmp_path / "run", base_model="smollm2")
+    result = run_dpo(parent_path, rows, config, tmp_path / "run", recipe="smollm2")
     assert result.steps == 2 and result.history and "rewards/margins" in result.history[-1]
     merged, tok = merge_adapter(parent_path, result.adapter_dir)
     parent = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32)

@@ -87,3 +87,6 @@ def test_a_base_model_is_known_by_preset_file_digest_or_hub_name(meta, recipe):
     assert recipe_name(meta.base_model, meta.source) == recipe
     tuned, job = run_settings(TrainerSettings(), recipe_name(meta.base_model, meta.source))
     assert job.recipe == recipe and (tuned.beta == 0.3) == (recipe == "smollm2")
+    # a job built directly (benchmarks, scripts/ablate_run.py) takes the same recipe's rate by the same name
+    expected = {"smollm2": 2e-4, TINY_BASE: 2e-3}.get(recipe, 5e-5)
+    assert DPOJobConfig().resolved_learning_rate(recipe_name(meta.base_model, meta.source)) == expected
