@@ -44,7 +44,7 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Probabilities sorted in descending order with everything outside each row's nucleus zeroed:
     a token stays while the mass of the more likely tokens is below top_p."""
     before = probs.cumsum(-1) - probs
-    keep = before < top_p[:, None]
+    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # float32 sums may pass 1.0: top_p 1 keeps all
     keep[:, 0] = True  # the most likely token always stays (top_p may underflow to 0 in float32)
     return probs * keep
 
