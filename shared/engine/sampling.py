@@ -7,7 +7,8 @@ likely tokens: a partial top-k of the logits (the smallest of `WINDOWS` that hol
 the row's k are masked) and a softmax over those, never the whole vocabulary (49k for SmolLM2).
 A row without a top-k needs the full softmax; for its nucleus it looks at its most likely tokens
 in the same growing windows, and is sorted in full only when its nucleus fits in none (a flat
-distribution). Rows with neither sample from the whole softmax. All of it is exact.
+distribution). Rows with neither sample from the whole softmax. All of it is exact, with one
+difference in ties: transformers keeps every token tied with the k-th logit, here a row keeps exactly k.
 """
 
 from __future__ import annotations
