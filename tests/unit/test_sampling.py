@@ -23,47 +23,6 @@ def test_top_k_and_top_p_keep_exactly_their_tokens():
     assert draws(logits, RowSampling(temperature=1.0)) == {0, 1, 2, 3, 4}
 
 
-def hf_support(logits: torch.Tensor, row: RowSampling) -> set[int]:
-    """The tokens transformers' own warpers leave drawable: temperature, then top-k, then top-p."""
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
-
-    scores = TemperatureLogitsWarper(row.temperature)(None, logits[None].clone())
-    if row.top_k:
-        scores = TopKLogitsWarper(row.top_k)(None, scores)
-    if row.top_p < 1.0:
-        scores = TopPLogitsWarper(row.top_p)(None, scores)
-    return set(torch.isfinite(scores[0]).nonzero()[:, 0].tolist())
-
-
-@pytest.mark.parametrize("row", [
-    RowSampling(temperature=1.0, top_k=3, top_p=0.7),  # top 3 renormalized: 0.43, 0.31, 0.26 -> 2 stay (3 over the vocabulary)
-    RowSampling(temperature=0.7, top_k=4, top_p=0.9),
-    RowSampling(temperature=1.5, top_k=5, top_p=0.8),
-    RowSampling(temperature=1.0, top_p=0.55),
-    RowSampling(temperature=1.0, top_k=2),
-], ids=["k3-p0.7", "t0.7-k4-p0.9", "t1.5-k5-p0.8", "p0.55", "k2"])
-def test_top_p_applies_to_the_top_k_renormalized_as_in_transformers(row):
-    """With a top-k, the nucleus is taken over the top-k tokens' renormalized probabilities (transformers'
-    and vLLM's order), not over the whole vocabulary's: there it would keep more tokens."""
-    logits = torch.log(torch.tensor([0.3, 0.22, 0.18, 0.12, 0.09, 0.05, 0.04]))  # no ties: any order is the order
-    torch.manual_seed(5)
-    assert draws(logits, row, 600) == hf_support(logits, row)
-
-
-def test_a_top_k_row_draws_with_the_top_k_renormalized_probabilities():
-    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 2))
-    rows = [RowSampling(temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(6)),
-            RowSampling(temperature=1.0, top_k=3, top_p=0.75)]  # top 3 renormalized: 0.44, 0.33, 0.22 -> 2 stay
-    torch.manual_seed(7)
-    counts = torch.zeros(2, 4)
-    for _ in range(3000):
-        for i, token in enumerate(sample(logits, rows)):
-            counts[i, token] += 1
-    expected = torch.tensor([[4 / 7, 3 / 7, 0, 0], [4 / 7, 3 / 7, 0, 0]])
-    assert torch.allclose(counts / 3000, expected, atol=0.04)
-
-
 def test_rows_of_one_batch_keep_their_own_settings():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.1]] * 3))
     rows = [RowSampling(temperature=1.0, top_k=1), RowSampling(temperature=1.0, top_p=0.75),
