@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo  # noqa: E402
-from services.trainer.recipes import recipe_name  # noqa: E402
 from services.trainer.ledger import PreferenceLedger, to_trl_row  # noqa: E402
+from services.trainer.recipes import recipe_name  # noqa: E402
 from shared.alignment_data import general_conversations, medical_conversations  # noqa: E402
 from shared.engine import GenerationEngine  # noqa: E402
 from shared.evaluation import perplexity  # noqa: E402

@@ -31,12 +31,12 @@ def test_the_outside_questions_are_none_of_the_shipped_prompts():
 def test_nothing_but_the_readme_and_this_test_names_the_outside_file():
     """No code, script, compose file, manifest or config feeds it to training, tuning or the gate."""
     skip = {".git", "__pycache__", "prefloop.egg-info", ".pytest_cache", "var", "demo-out", "eval-out", "build"}
-    users = []
+    users, this = [], Path(__file__).resolve()
     for folder, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".venv")]
         for name in files:
             path = Path(folder) / name
-            if name != "README.md" and path != Path(__file__).resolve() and OUTSIDE.name in path.read_text(errors="ignore"):
+            if name != "README.md" and path != this and OUTSIDE.name in path.read_text(errors="ignore"):
                 users.append(path.relative_to(ROOT).as_posix())
     assert users == []
 
