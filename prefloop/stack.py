@@ -81,7 +81,7 @@ class Stack:
             on_progress("bootstrapping the tiny model (about a minute on 2 cores)")
             meta = bootstrap_tiny(self.registry)
         else:
-            on_progress(f"bootstrapping {self.model} (SmolLM2: about 30 s on 2 cores)")
+            on_progress(f"bootstrapping {self.model} (SmolLM2: about 10 s on 2 cores)")
             meta = bootstrap_base(self.registry, self.model)
         on_progress(f"bootstrapped {meta.version} ({meta.kind}, {meta.source.describe() if meta.source else ''})")
 
