@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import pytest
 
 from services.trainer.bootstrap import TinyModelSpec, bootstrap_tiny
 from shared.engine import GenerationEngine, GenerationRequest
@@ -126,17 +128,22 @@ def test_bootstrap_with_a_real_base_runs_lora_sft_and_registers_it(tiny_registry
     assert reloaded.generate([GenerationRequest(ask("How do I sleep better?"), SamplingParams(max_new_tokens=16))])[0].candidates
 
 
-def test_perplexity_scores_each_answer_alone_whatever_the_batch(engine):
+@pytest.mark.parametrize("sets", ["mixed", "medical"])
+def test_perplexity_scores_each_answer_alone_whatever_the_batch(engine, sets):
     """The gate's forgetting guard: the batched, right-padded perplexity of the answers equals the one
     from the per-conversation sums of the answers' log-probs (`_answer_logps`, one unpadded forward
-    each), and neither the batch size nor the neighbours' padding changes it."""
+    each), and neither the batch size nor the neighbours' padding changes it. The medical set shares
+    its system prompt: that prefix runs once and its cache is repeated into every batch."""
     import math
 
     from shared.alignment_data import general_conversations, medical_conversations
-    from shared.evaluation import _answer_logps, perplexity
+    from shared.evaluation import SHARED_PREFIX_MIN, _answer_logps, perplexity
 
-    conversations = medical_conversations(7) + general_conversations(6)  # different lengths: padding in a batch
-    assert len({len(str(c)) for c in conversations}) > 5
+    conversations = medical_conversations(7) + (general_conversations(6) if sets == "mixed" else [])
+    assert len({len(str(c)) for c in conversations}) > 5  # different lengths: padding in a batch
+    ids = [engine.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
+    shared = len(os.path.commonprefix(ids))
+    assert shared >= SHARED_PREFIX_MIN if sets == "medical" else shared < SHARED_PREFIX_MIN
     logps, tokens = zip(*(_answer_logps(engine.model, engine.tokenizer, c[:-1], c[-1]["content"])
                           for c in conversations))
     expected = math.exp(-sum(logps) / sum(tokens))
