@@ -114,7 +114,8 @@ class AnswerCache:
 
     def perplexity(self, engine: GenerationEngine, conversations: list[list[dict]]) -> float:
         """`perplexity()` once per (version, set): a parent's value was its own gate's candidate value."""
-        key = content_id("ppl", {"v": engine.version, "c": conversations, "dtype": str(engine.dtype)})
+        key = content_id("ppl", {"v": engine.version, "c": conversations, "dtype": str(engine.dtype),
+                                 "m": PERPLEXITY_METHOD})
         with self._lock:
             row = self._db.execute("SELECT value FROM perplexity WHERE key = ?", (key,)).fetchone()
         if row:
@@ -264,12 +265,16 @@ def perplexity(engine: GenerationEngine, conversations: list[list[dict]], batch_
     return math.exp(-total / max(1, count))
 
 
+PERPLEXITY_METHOD = 2
+"""in the cache key: values are compared across gates, so one computed before the shared-prefix
+pass (1; in bf16 the rounding differs) is never set against one computed with it"""
 SHARED_PREFIX_MIN = 8
 """shorter common beginnings are computed with each row"""
 
 
 def _shared_prefix(model, rows: list[tuple[list[int], int]]):
-    """(tokens every row begins with before its first scored position, their cache) or (0, None)."""
+    """(how many tokens every row begins with before its first scored position, their cache), or
+    (0, None) where that is short or the model returns no cache that can be repeated per row."""
     shared = min(len(os.path.commonprefix([ids for ids, _ in rows])),
                  *(len(ids) - 1 - n_answer for ids, n_answer in rows)) if rows else 0
     if shared < SHARED_PREFIX_MIN:

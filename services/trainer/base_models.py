@@ -101,7 +101,7 @@ def load(location: Path | str, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
-_GGUF_PATCH = threading.Lock()
+_GGUF_PATCH = threading.RLock()
 
 
 @contextmanager
@@ -109,12 +109,14 @@ def gguf_parsed_once() -> Iterator[None]:
     """Within this block, a GGUF file is parsed once and gguf's tensor-name map built once per
     architecture.
 
-    transformers parses the whole file for the config, again for the tokenizer and again for the
-    weights (`load_gguf_checkpoint` builds a `gguf.GGUFReader` each time), and rebuilds gguf's
-    `TensorNameMap` for every tensor it maps; both are imported from `gguf` at call time, so they
-    are swapped here for a per-block cache. SmolLM2's 49k-token vocabulary made each parse about
-    5 s: the load took 17.8-18.9 s, 7.8-8.1 s with this, the same weights. A reader is read-only
-    (a memmap), so sharing one is safe; the lock keeps two loads from swapping at once."""
+    transformers' `load_gguf_checkpoint` builds a `gguf.GGUFReader` (a parse of every metadata
+    field) three times per load: for AutoTokenizer's config lookup, for the model's config and for
+    its weights; and it rebuilds gguf's `TensorNameMap` for every tensor it maps. Both names are
+    imported from `gguf` at call time, so they are swapped here for a per-block cache (the
+    tokenizer's vocabulary is read by transformers' own reader, untouched). SmolLM2's 49k-token
+    vocabulary made each parse about 5 s: the load took 17.8-18.9 s, 7.7-8.1 s with this, the same
+    weights and tokenizer. A reader is read-only (a memmap), so sharing one is safe; the lock keeps
+    two loads from swapping at once (reentrant: a nested block leaves the outer one's swap)."""
     import gguf
 
     with _GGUF_PATCH:

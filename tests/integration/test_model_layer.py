@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -128,26 +127,54 @@ def test_bootstrap_with_a_real_base_runs_lora_sft_and_registers_it(tiny_registry
     assert reloaded.generate([GenerationRequest(ask("How do I sleep better?"), SamplingParams(max_new_tokens=16))])[0].candidates
 
 
+def _answer_logp_from_full_logits(model, tokenizer, conversation: list[dict]) -> tuple[float, int]:
+    """The oracle: one unpadded forward, logits at every position, the answer's tokens summed."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)
+    full = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+    n = len(full) - len(prompt)
+    ids = torch.tensor([full])
+    with torch.inference_mode():
+        logits = model(ids).logits[0].float()
+    logps = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+    return float(logps[-n:].sum()), n
+
+
 @pytest.mark.parametrize("sets", ["mixed", "medical"])
-def test_perplexity_scores_each_answer_alone_whatever_the_batch(engine, sets):
+def test_perplexity_scores_each_answer_alone_whatever_the_batch(tiny_registry, sets, monkeypatch):
     """The gate's forgetting guard: the batched, right-padded perplexity of the answers equals the one
-    from the per-conversation sums of the answers' log-probs (`_answer_logps`, one unpadded forward
-    each), and neither the batch size nor the neighbours' padding changes it. The medical set shares
-    its system prompt: that prefix runs once and its cache is repeated into every batch."""
+    from per-conversation sums of the answers' log-probs from full logits, and neither the batch size
+    nor the neighbours' padding changes it. The medical set shares its system prompt: that prefix
+    runs once and its cache is repeated into every batch; a lone conversation's shared prefix reaches
+    up to its first scored position. In fp32, so that the tolerance is about the arithmetic, not
+    bf16's rounding (the tiny model's perplexity is in the thousands)."""
     import math
 
+    from shared import evaluation
     from shared.alignment_data import general_conversations, medical_conversations
-    from shared.evaluation import SHARED_PREFIX_MIN, _answer_logps, perplexity
 
+    engine = GenerationEngine.from_registry(ModelRegistry(tiny_registry), dtype="float32")
+    prefixes: list[int] = []
+    real = evaluation._shared_prefix
+    monkeypatch.setattr(evaluation, "_shared_prefix",
+                        lambda model, rows: prefixes.append(real(model, rows)[0]) or real(model, rows))
     conversations = medical_conversations(7) + (general_conversations(6) if sets == "mixed" else [])
     assert len({len(str(c)) for c in conversations}) > 5  # different lengths: padding in a batch
-    ids = [engine.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
-    shared = len(os.path.commonprefix(ids))
-    assert shared >= SHARED_PREFIX_MIN if sets == "medical" else shared < SHARED_PREFIX_MIN
-    logps, tokens = zip(*(_answer_logps(engine.model, engine.tokenizer, c[:-1], c[-1]["content"])
-                          for c in conversations))
+    oracle = [_answer_logp_from_full_logits(engine.model, engine.tokenizer, c) for c in conversations]
+    logps, tokens = zip(*oracle)
+    for c, (lp, n) in zip(conversations, oracle):  # the gate's single-answer scorer (preference accuracy)
+        got, got_n = evaluation._answer_logps(engine.model, engine.tokenizer, c[:-1], c[-1]["content"])
+        assert got_n == n and math.isclose(got, lp, rel_tol=1e-5)
     expected = math.exp(-sum(logps) / sum(tokens))
     for batch_size in (1, 4, 8):
-        assert math.isclose(perplexity(engine, conversations, batch_size=batch_size), expected, rel_tol=1e-4)
-    one = perplexity(engine, conversations[:1])
+        assert math.isclose(evaluation.perplexity(engine, conversations, batch_size=batch_size), expected,
+                            rel_tol=1e-5)
+    assert all(p >= evaluation.SHARED_PREFIX_MIN for p in prefixes) if sets == "medical" else set(prefixes) == {0}
+    one = evaluation.perplexity(engine, conversations[:1])
+    assert prefixes[-1] == len(engine.tokenizer.apply_chat_template(conversations[0][:-1], add_generation_prompt=True,
+                                                                    tokenize=True, return_dict=False)) - 1
+    assert math.isclose(one, math.exp(-logps[0] / tokens[0]), rel_tol=1e-5)
     assert not math.isclose(one, expected, rel_tol=1e-3)  # the value depends on which answers are scored
+    engine.close()

@@ -40,3 +40,26 @@ def test_gguf_is_restored_when_the_load_fails(gguf_file):
     assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
     with gguf_parsed_once():  # and the lock was released
         assert gguf.GGUFReader(gguf_file) is gguf.GGUFReader(gguf_file)
+
+
+def test_transformers_loads_read_the_file_once_inside_the_block(gguf_file, monkeypatch):
+    """The swap reaches transformers (it imports GGUFReader from gguf at call time): two loads of the
+    metadata inside the block construct one reader; outside it, two."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    built = []
+    real = gguf.GGUFReader
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    with gguf_parsed_once():
+        first = load_gguf_checkpoint(str(gguf_file), return_tensors=False)["config"]
+        assert load_gguf_checkpoint(str(gguf_file), return_tensors=False)["config"] == first
+    assert len(built) == 1 and first["model_type"] == "llama" and first["num_hidden_layers"] == 2
+    load_gguf_checkpoint(str(gguf_file), return_tensors=False)
+    load_gguf_checkpoint(str(gguf_file), return_tensors=False)
+    assert len(built) == 3
