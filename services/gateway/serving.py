@@ -10,6 +10,7 @@ from services.gateway.settings import GatewaySettings
 from shared.engine import GenerationEngine
 from shared.model_follower import ModelFollower
 from shared.registry import ModelRegistry
+from shared.wire import ChatMessage
 
 
 class EngineMetrics:
@@ -28,9 +29,13 @@ def model_follower(settings: GatewaySettings, metrics: CollectorRegistry) -> Mod
     registry = ModelRegistry(settings.registry_dir)
     engine_metrics = EngineMetrics(metrics)
 
+    public = settings.default_system_prompt
+    shared_prefix = {"default_system_prompt": [ChatMessage(role="system", content=public)] if public.strip() else [],
+                     "previous_prompt": None, "off": []}[settings.prefix_reuse]
+
     def engine(version: str) -> GenerationEngine:
         return GenerationEngine.from_registry(registry, version, max_batch_size=settings.max_batch_sequences,
                                               overflow="reject", dtype=settings.engine.dtype,
-                                              on_step=engine_metrics.on_step)
+                                              on_step=engine_metrics.on_step, shared_prefix=shared_prefix)
 
     return ModelFollower(registry, metrics, "gateway", engine_factory=engine)

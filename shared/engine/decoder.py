@@ -14,7 +14,9 @@ in `fallback.py`). Attention is computed here: per row, over that row's own posi
 Active rows are kept in slots 0..n-1 (a freed slot is filled by moving the last row into it),
 so the cache of the active rows is one strided view and attention needs no gather; it runs over
 the longest active row's positions. A prompt that begins like the previous one (requests share
-a system prompt) copies that prefix's keys and values instead of computing them.
+a system prompt) copies that prefix's keys and values instead of computing them; where prompts
+come from several tenants, only a pinned, public prefix is reused (`pinned_prefix`): otherwise a
+request's time to first token would tell whether the previous request began with the same text.
 
 Projections that read the same input run as one matmul (q/k/v, gate/up), over weights packed
 once for the CPU's matmul library (`Projection`), and the rotary embedding turns q and k in one
@@ -125,8 +127,12 @@ def supports(model) -> bool:
 class SlotDecoder:
     """Prefill prompts into slots, decode one token for every active slot, free slots."""
 
-    def __init__(self, model, max_rows: int = ROW_BLOCK) -> None:
+    def __init__(self, model, max_rows: int = ROW_BLOCK, pinned_prefix: list[int] | None = None) -> None:
         self.model = model
+        self.pinned_prefix = pinned_prefix
+        """None: a prompt reuses what it shares with the previous prompt. A list: only these leading
+        tokens are ever reused (their cache kept from the first prompt that began with them), so a
+        prompt's prefill time never depends on another prompt's text; [] reuses nothing"""
         inner, config = model.model, model.config
         self.layers = list(inner.layers)
         self.projections = [LayerProjections(layer) for layer in self.layers]
@@ -252,7 +258,13 @@ class SlotDecoder:
         all but the last token, whose logits are needed."""
         if self._prefix is None:
             return 0
+        if self.pinned_prefix is not None:
+            return len(self.pinned_prefix) if self._begins_with_pinned(ids) else 0
         return min(len(os.path.commonprefix([self._prefix[0], ids])), len(ids) - 1)
+
+    def _begins_with_pinned(self, ids: list[int]) -> bool:
+        n = len(self.pinned_prefix or [])
+        return 0 < n < len(ids) and ids[:n] == self.pinned_prefix
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], copies: int = 1) -> torch.Tensor:
@@ -284,7 +296,11 @@ class SlotDecoder:
             o = F.scaled_dot_product_attention(q[None], keys[i][None], values[i][None], attn_mask=mask,
                                                is_causal=mask is None, scale=self.scaling, enable_gqa=True)
             x = self._finish_layer(i, x, o[0].transpose(0, 1).reshape(n - shared, -1))
-        self._prefix = (list(ids), keys, values)
+        if self.pinned_prefix is None:
+            self._prefix = (list(ids), keys, values)
+        elif self._prefix is None and self._begins_with_pinned(ids):
+            p = len(self.pinned_prefix)
+            self._prefix = (list(self.pinned_prefix), keys[:, :, :p].clone(), values[:, :, :p].clone())
         self.positions = torch.cat([self.positions, torch.full((copies,), n, dtype=torch.long, device=self.device)])
         return self.head(self.norm(x[-1])).float()
 

@@ -80,7 +80,12 @@ def inference_dtype(choice: str = "auto", device: torch.device | None = None) ->
 
 class GenerationEngine:
     def __init__(self, model, tokenizer, version: str, *, max_batch_size: int = 32,
-                 overflow: Literal["truncate_left", "reject"] = "truncate_left", on_step=None) -> None:
+                 overflow: Literal["truncate_left", "reject"] = "truncate_left", on_step=None,
+                 shared_prefix: list[ChatMessage] | None = None) -> None:
+        """`shared_prefix`: None, a prompt reuses the cache of what it shares with the previous prompt
+        (one tenant: the generator's prompts come from its own ingest). Messages, only their rendering
+        is ever reused (the gateway: its public default system prompt), so no request's time to first
+        token tells whether another request began with the same text; [] reuses nothing."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
@@ -97,7 +102,8 @@ class GenerationEngine:
             self.batching = "continuous"
             # built on the torch thread: packing weights elsewhere started a second OpenMP team, and
             # decode steps ran 46% longer (74 vs 51 ms at 32 rows, SmolLM2; shared/torch_thread.py)
-            decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size)
+            pinned = None if shared_prefix is None else self._render_or_nothing(shared_prefix)
+            decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size, pinned)
             self._batcher = ContinuousBatcher(decoder, tokenizer, self._stop_ids,
                                               max_rows=max_batch_size, on_step=on_step)
         else:
@@ -123,11 +129,24 @@ class GenerationEngine:
     def eos_ids(self) -> list[int]:
         return self._stop_ids
 
-    def encode_prompt(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[int], bool]:
-        ids = self.tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
+    def _render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            return []
+        ids = self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=True,
+                                                 add_generation_prompt=add_generation_prompt, return_dict=False)
         if not isinstance(ids, list) or (ids and isinstance(ids[0], list)):
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids[0])
+        return ids
+
+    def _render_or_nothing(self, messages: list[ChatMessage]) -> list[int]:
+        try:
+            return self._render(messages, add_generation_prompt=False)
+        except Exception as exc:  # noqa: BLE001 - a template may refuse a lone system message: reuse nothing
+            log.warning("no shared prefix: the chat template does not render %d message(s) alone: %s", len(messages), exc)
+            return []
+
+    def encode_prompt(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[int], bool]:
+        ids = self._render(messages)
         budget = self.context_length - max_new_tokens
         if budget <= 0:
             raise PromptTooLong(f"max_new_tokens {max_new_tokens} leaves no room in a {self.context_length}-token context")

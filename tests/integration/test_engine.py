@@ -104,6 +104,39 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
     assert torch.allclose(decoder.prefill(joined), reference(joined), atol=1e-4)
 
 
+
+def test_a_pinned_prefix_is_the_only_cache_prompts_reuse(fp32, tiny_registry):
+    """Several tenants (the gateway): a prefill copies only the pinned, public prefix's cache, never
+    what a prompt shares with the previous one beyond it, so its time to first token says nothing
+    about another request's text; the logits stay the model's own. The gateway pins its default
+    system prompt's rendering, and the tiny model's prompts begin with it."""
+    pinned = [5, 17, 33]
+    decoder = SlotDecoder(fp32, max_rows=4, pinned_prefix=pinned)
+
+    def reference(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return fp32(torch.tensor([ids])).logits[0, -1]
+
+    first, second = pinned + [101, 7, 8, 9], pinned + [101, 7, 8, 10]  # they share 6 tokens, 3 of them pinned
+    assert decoder._shared_prefix(first) == 0  # nothing is cached yet
+    assert torch.allclose(decoder.prefill(first), reference(first), atol=1e-4)
+    assert decoder._shared_prefix(second) == 3  # not 6: the overlap past the pinned prefix is computed again
+    assert torch.allclose(decoder.prefill(second), reference(second), atol=1e-4)
+    assert decoder._shared_prefix([9, 9, 9, 9]) == 0 and decoder._shared_prefix(pinned) == 0  # all but the last
+    other = [6, 17, 33, 101]
+    assert torch.allclose(decoder.prefill(other), reference(other), atol=1e-4)
+    assert decoder._shared_prefix(second) == 3  # the pinned cache stays whatever came since
+    assert SlotDecoder(fp32, pinned_prefix=[])._shared_prefix(first) == 0  # off: nothing reused
+    unpinned = SlotDecoder(fp32)
+    unpinned.prefill(first)
+    assert unpinned._shared_prefix(second) == 6  # one tenant: the previous prompt's overlap
+
+    system = ChatMessage(role="system", content="You are a careful assistant.")
+    with GenerationEngine.from_registry(ModelRegistry(tiny_registry), shared_prefix=[system]) as engine:
+        ids, _ = engine.encode_prompt([system, *ask("How do I sleep better?")], 16)
+        held = engine._batcher.decoder.pinned_prefix
+        assert 0 < len(held) < len(ids) and ids[:len(held)] == held
+
 def test_requests_with_different_settings_share_steps_and_leave_when_done(tiny_registry):
     steps: list[int] = []
     joined: list = []

@@ -257,3 +257,31 @@ def test_rate_limits_answer_429_with_retry_after_per_key(kafka, tmp_path, regist
         assert 'prefloop_gateway_requests_total{status="429",stream="true"} 1.0' in gw.get("/metrics").text
     finally:
         gw.kill()
+
+
+@pytest.mark.parametrize("policy", ["default_system_prompt", "previous_prompt", "off"])
+def test_the_gateways_engine_reuses_only_the_public_system_prompts_cache_by_default(tiny_registry, policy):
+    """Requests from different API keys share the engine: by default only the default system prompt's
+    cache is reused (public text), so no request's time to first token reveals another's prompt."""
+    from prometheus_client import CollectorRegistry
+
+    from services.gateway.serving import model_follower
+    from services.gateway.settings import GatewaySettings
+    from shared.prompts import with_system_prompt
+    from shared.wire import ChatMessage
+
+    settings = GatewaySettings(registry_dir=str(tiny_registry), prefix_reuse=policy)
+    engine = model_follower(settings, CollectorRegistry())._factory("v0001")
+    try:
+        pinned = engine._batcher.decoder.pinned_prefix
+        if policy == "previous_prompt":
+            assert pinned is None
+        elif policy == "off":
+            assert pinned == []
+        else:
+            messages = with_system_prompt([ChatMessage(role="user", content="Is a fever of 38.5 C dangerous?")],
+                                          settings.default_system_prompt)
+            ids, _ = engine.encode_prompt(messages, 16)
+            assert 0 < len(pinned) < len(ids) and ids[:len(pinned)] == pinned
+    finally:
+        engine.close()
