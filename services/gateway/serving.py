@@ -29,9 +29,11 @@ def model_follower(settings: GatewaySettings, metrics: CollectorRegistry) -> Mod
     registry = ModelRegistry(settings.registry_dir)
     engine_metrics = EngineMetrics(metrics)
 
-    public = settings.default_system_prompt
-    shared_prefix = {"default_system_prompt": [ChatMessage(role="system", content=public)] if public.strip() else [],
-                     "previous_prompt": None, "off": []}[settings.prefix_reuse]
+    shared_prefix: list[ChatMessage] | None = []  # "off"
+    if settings.prefix_reuse == "previous_prompt":
+        shared_prefix = None
+    elif settings.prefix_reuse == "default_system_prompt" and settings.default_system_prompt.strip():
+        shared_prefix = [ChatMessage(role="system", content=settings.default_system_prompt)]
 
     def engine(version: str) -> GenerationEngine:
         return GenerationEngine.from_registry(registry, version, max_batch_size=settings.max_batch_sequences,

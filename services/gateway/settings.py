@@ -32,8 +32,9 @@ class GatewaySettings(ServiceSettings, AdminKeySettings):
     max_batch_sequences: int = Field(64, ge=1, description="continuous batching: sequences decoded together")
     prefix_reuse: Literal["default_system_prompt", "previous_prompt", "off"] = Field(
         "default_system_prompt", description="which prompt prefix's cache a prefill may copy: only the public "
-        "default system prompt's (no request's speed depends on another's text), whatever the previous prompt "
-        "shared with it (one trusted tenant: faster, but its time to first token leaks that overlap), or none")
+        "default system prompt's (whether a prefill copies a prefix never depends on other requests), whatever the "
+        "previous prompt shared with it (one trusted tenant: faster, but its time to first token leaks that "
+        "overlap), or none")
     registry_check_s: float = Field(30.0, gt=0, description="how often to converge on the registry's current "
                                     "version besides model-update events")
     engine: EngineSettings = Field(default_factory=EngineSettings)

@@ -131,8 +131,8 @@ class SlotDecoder:
         self.model = model
         self.pinned_prefix = pinned_prefix
         """None: a prompt reuses what it shares with the previous prompt. A list: only these leading
-        tokens are ever reused (their cache kept from the first prompt that began with them), so a
-        prompt's prefill time never depends on another prompt's text; [] reuses nothing"""
+        tokens are ever reused, their cache computed when the decoder is built and kept through
+        reset(), so whether a prefill copies a prefix never depends on other prompts; [] reuses nothing"""
         inner, config = model.model, model.config
         self.layers = list(inner.layers)
         self.projections = [LayerProjections(layer) for layer in self.layers]
@@ -163,7 +163,10 @@ class SlotDecoder:
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         """next position to write, per active slot (= tokens in the cache for that row)"""
         self._prefix: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
-        """the last prompt prefilled and its keys and values, [layers, kv_heads, tokens, head_dim]"""
+        """the last prompt prefilled (or the pinned prefix) and its keys and values, [layers, kv_heads, tokens, head_dim]"""
+        if self.pinned_prefix:
+            self.prefill(self.pinned_prefix + self.pinned_prefix[-1:])  # a row that begins with it, then gone
+            self.free(self.active - 1)
 
     @property
     def active(self) -> int:
@@ -218,9 +221,11 @@ class SlotDecoder:
             self.finite = self._blocks(longest)
 
     def reset(self) -> None:
-        """Drop every row and the cache (after a failed step, and when the engine closes)."""
+        """Drop every row and the cache (after a failed step, when idle on an accelerator, and when the
+        engine closes); a pinned prefix's cache stays (it depends on the weights alone)."""
         self.positions = self.positions[:0]
-        self._prefix = None
+        if self.pinned_prefix is None:
+            self._prefix = None
         self.k = self.v = torch.empty(0)
         self.capacity = (0, 0)
         self.finite = 0

@@ -102,7 +102,7 @@ class GenerationEngine:
             self.batching = "continuous"
             # built on the torch thread: packing weights elsewhere started a second OpenMP team, and
             # decode steps ran 46% longer (74 vs 51 ms at 32 rows, SmolLM2; shared/torch_thread.py)
-            pinned = None if shared_prefix is None else self._render_or_nothing(shared_prefix)
+            pinned = None if shared_prefix is None else self._pinned_ids(shared_prefix)
             decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size, pinned)
             self._batcher = ContinuousBatcher(decoder, tokenizer, self._stop_ids,
                                               max_rows=max_batch_size, on_step=on_step)
@@ -138,12 +138,22 @@ class GenerationEngine:
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids[0])
         return ids
 
-    def _render_or_nothing(self, messages: list[ChatMessage]) -> list[int]:
+    def _pinned_ids(self, messages: list[ChatMessage]) -> list[int]:
+        """The rendering of `messages` where it begins every prompt that starts with them (checked on a
+        probe conversation), else [] (reuse nothing) with a warning: a template may refuse a lone
+        system message, close it differently or merge tokens across the boundary."""
+        probe = [*messages, ChatMessage(role="user", content="probe")]
         try:
-            return self._render(messages, add_generation_prompt=False)
-        except Exception as exc:  # noqa: BLE001 - a template may refuse a lone system message: reuse nothing
+            ids, full = self._render(messages, add_generation_prompt=False), self._render(probe)
+        except Exception as exc:  # noqa: BLE001 - no reuse is safe; the reason is logged
             log.warning("no shared prefix: the chat template does not render %d message(s) alone: %s", len(messages), exc)
             return []
+        if not ids or full[:len(ids)] != ids:
+            log.warning("no shared prefix: the template's rendering of %d message(s) alone (%d tokens) does not "
+                        "begin a conversation that starts with them", len(messages), len(ids))
+            return []
+        log.info("prefix reuse pinned to %d tokens (%d message(s))", len(ids), len(messages))
+        return ids
 
     def encode_prompt(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[int], bool]:
         ids = self._render(messages)

@@ -104,12 +104,11 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
     assert torch.allclose(decoder.prefill(joined), reference(joined), atol=1e-4)
 
 
-
 def test_a_pinned_prefix_is_the_only_cache_prompts_reuse(fp32, tiny_registry):
-    """Several tenants (the gateway): a prefill copies only the pinned, public prefix's cache, never
-    what a prompt shares with the previous one beyond it, so its time to first token says nothing
-    about another request's text; the logits stay the model's own. The gateway pins its default
-    system prompt's rendering, and the tiny model's prompts begin with it."""
+    """Several tenants (the gateway): a prefill copies only the pinned, public prefix's cache, computed
+    when the decoder is built and kept through reset(), never what a prompt shares with the previous
+    one beyond it; so whether a prefill copies anything never depends on other requests, and the
+    logits stay the model's own. The gateway pins its default system prompt's rendering."""
     pinned = [5, 17, 33]
     decoder = SlotDecoder(fp32, max_rows=4, pinned_prefix=pinned)
 
@@ -118,24 +117,33 @@ def test_a_pinned_prefix_is_the_only_cache_prompts_reuse(fp32, tiny_registry):
             return fp32(torch.tensor([ids])).logits[0, -1]
 
     first, second = pinned + [101, 7, 8, 9], pinned + [101, 7, 8, 10]  # they share 6 tokens, 3 of them pinned
-    assert decoder._shared_prefix(first) == 0  # nothing is cached yet
+    assert decoder.active == 0 and decoder._shared_prefix(first) == 3  # pinned before any request came
     assert torch.allclose(decoder.prefill(first), reference(first), atol=1e-4)
     assert decoder._shared_prefix(second) == 3  # not 6: the overlap past the pinned prefix is computed again
-    assert torch.allclose(decoder.prefill(second), reference(second), atol=1e-4)
+    assert torch.allclose(decoder.prefill(second, copies=2), reference(second), atol=1e-4)
     assert decoder._shared_prefix([9, 9, 9, 9]) == 0 and decoder._shared_prefix(pinned) == 0  # all but the last
+    held = [t.clone() for t in decoder._prefix[1:]]
     other = [6, 17, 33, 101]
     assert torch.allclose(decoder.prefill(other), reference(other), atol=1e-4)
-    assert decoder._shared_prefix(second) == 3  # the pinned cache stays whatever came since
-    assert SlotDecoder(fp32, pinned_prefix=[])._shared_prefix(first) == 0  # off: nothing reused
+    assert all(torch.equal(a, b) for a, b in zip(held, decoder._prefix[1:]))  # other prompts never replace it
+    decoder.reset()  # a failed step; an accelerator's idle engine
+    assert decoder._shared_prefix(second) == 3
+    assert torch.allclose(decoder.prefill(second), reference(second), atol=1e-4)
+    off = SlotDecoder(fp32, pinned_prefix=[])
+    off.prefill(first)
+    assert off._shared_prefix(second) == 0  # off: nothing reused, not even the previous prompt
     unpinned = SlotDecoder(fp32)
     unpinned.prefill(first)
     assert unpinned._shared_prefix(second) == 6  # one tenant: the previous prompt's overlap
 
     system = ChatMessage(role="system", content="You are a careful assistant.")
     with GenerationEngine.from_registry(ModelRegistry(tiny_registry), shared_prefix=[system]) as engine:
+        held_ids = engine._batcher.decoder.pinned_prefix
         ids, _ = engine.encode_prompt([system, *ask("How do I sleep better?")], 16)
-        held = engine._batcher.decoder.pinned_prefix
-        assert 0 < len(held) < len(ids) and ids[:len(held)] == held
+        assert 0 < len(held_ids) < len(ids) and engine._batcher.decoder._shared_prefix(ids) == len(held_ids)
+        own, _ = engine.encode_prompt([ChatMessage(role="system", content="Answer briefly."), *ask("Hi?")], 16)
+        assert engine._batcher.decoder._shared_prefix(own) == 0  # a request's own system prompt: computed
+
 
 def test_requests_with_different_settings_share_steps_and_leave_when_done(tiny_registry):
     steps: list[int] = []

@@ -279,9 +279,11 @@ def test_the_gateways_engine_reuses_only_the_public_system_prompts_cache_by_defa
         elif policy == "off":
             assert pinned == []
         else:
-            messages = with_system_prompt([ChatMessage(role="user", content="Is a fever of 38.5 C dangerous?")],
-                                          settings.default_system_prompt)
-            ids, _ = engine.encode_prompt(messages, 16)
-            assert 0 < len(pinned) < len(ids) and ids[:len(pinned)] == pinned
+            question = ChatMessage(role="user", content="Is a fever of 38.5 C dangerous?")
+            ids, _ = engine.encode_prompt(with_system_prompt([question], settings.default_system_prompt), 16)
+            assert 0 < len(pinned) < len(ids) and engine._batcher.decoder._shared_prefix(ids) == len(pinned)
+            own = [ChatMessage(role="system", content="You are a pirate."), question]  # a tenant's own prompt
+            ids, _ = engine.encode_prompt(with_system_prompt(own, settings.default_system_prompt), 16)
+            assert engine._batcher.decoder._shared_prefix(ids) == 0
     finally:
         engine.close()
