@@ -280,7 +280,8 @@ def _shared_prefix(model, rows: list[tuple[list[int], int]]):
     if shared < SHARED_PREFIX_MIN:
         return 0, None
     with torch.inference_mode():
-        out = model(torch.tensor([rows[0][0][:shared]], device=model.device), use_cache=True)
+        out = model(torch.tensor([rows[0][0][:shared]], device=model.device), use_cache=True,
+                    **_logits_to_keep(model, 1))  # only its cache is wanted
     cache = getattr(out, "past_key_values", None)
     if not hasattr(cache, "batch_repeat_interleave"):
         return 0, None
