@@ -237,6 +237,8 @@ def eval_(
     b: str = typer.Option(..., "--b", help="baseline version (e.g. v0001)"),
     prompts: Optional[Path] = typer.Option(None, help="prompt file (default: the shipped held-out health questions)"),
     limit: int = typer.Option(64, min=1, help="prompts to compare on"),
+    samples: int = typer.Option(2, min=1, max=16, help="answers per prompt and version (the gate's default: 2); "
+                                "the CI counts a prompt's comparisons as one cluster"),
     registry: Path = REGISTRY_OPTION,
     out: Path = typer.Option(Path("eval-out"), help="eval.json and blinded_for_raters.csv go here"),
 ) -> None:
@@ -261,7 +263,7 @@ def eval_(
     judge_settings = JudgeBackendSettings()
     judge = PairwiseJudge(judge_settings.make_backend(), None, JudgeStats(new_registry()))
     with GenerationEngine.from_registry(reg, a) as engine_a, GenerationEngine.from_registry(reg, b) as engine_b:
-        result = compare(engine_a, engine_b, held, judge)
+        result = compare(engine_a, engine_b, held, judge, samples=samples)
     low, high = result.win_rate_ci95()
     table = Table("criterion", a, b, title=f"{a} vs {b} on {result.prompts} prompts ({judge_settings.judge_id})")
     for criterion in ("correctness", "clarity", "safety", "empathy"):
@@ -271,10 +273,11 @@ def eval_(
         table.add_row("BLEU vs reference", str(result.bleu[a]), str(result.bleu[b]))
     console.print(table)
     console.print(f"win rate of {a} over {b}: {result.win_rate:.3f} (95% CI {low:.3f}-{high:.3f}; "
-                  f"{result.wins} wins, {result.losses} losses), abstain rate {result.abstain_rate:.3f}")
+                  f"{result.wins} wins, {result.losses} losses of {result.prompts} prompts x {samples} answers), "
+                  f"abstain rate {result.abstain_rate:.3f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({
-        "a": a, "b": b, "prompts": result.prompts, "wins": result.wins, "losses": result.losses,
+        "a": a, "b": b, "prompts": result.prompts, "samples": samples, "wins": result.wins, "losses": result.losses,
         "abstentions": result.abstentions, "win_rate": result.win_rate, "win_rate_ci95": [low, high],
         "abstain_rate": result.abstain_rate, "rubric": result.rubric, "mean_tokens": result.mean_tokens,
         "bleu": result.bleu, "judge": judge_settings.judge_id}, indent=2))

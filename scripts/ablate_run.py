@@ -66,6 +66,21 @@ def run_pairs(state: Path, index: int, runs: list[dict], seed: int) -> tuple[lis
     return [by_id[i] for i in new_ids if i in trained] + replay, run
 
 
+def rebuild_run(state: Path, run_no: int, work_root: Path) -> tuple[DPOJobConfig, list, dict, ModelRegistry, Path]:
+    """Run `run_no` (1-based) of `state`: its DPO config, its pairs in training order, its record, and a
+    private registry holding its parent's lineage (nothing is ever written into `state`), in `work`."""
+    runs = finished_runs(state)
+    fields = ModelRegistry(state / "registry").get(runs[run_no - 1]["version"]).training_config
+    config = DPOJobConfig(**{k: v for k, v in fields.items() if k in DPOJobConfig.__dataclass_fields__})
+    pairs, run = run_pairs(state, run_no - 1, runs, config.seed)
+    work = work_root / f"{state.resolve().name}-run{run_no}"
+    (work / "registry").mkdir(parents=True, exist_ok=True)
+    for version in ModelRegistry(state / "registry").lineage(run["parent"]):
+        if not (work / "registry" / version).exists():
+            shutil.copytree(state / "registry" / version, work / "registry" / version)
+    return config, pairs, run, ModelRegistry(work / "registry"), work
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--state", type=Path, required=True, help="a demo's state directory (registry, ledger, runs)")
@@ -77,21 +92,9 @@ def main() -> None:
     ap.add_argument("--reference", nargs="*", choices=["parent", "root"], help="DPO references to train with "
                     "(default: the run's own)")
     args = ap.parse_args()
-    runs = finished_runs(args.state)
-    source_registry = ModelRegistry(args.state / "registry")
-    config_fields = source_registry.get(runs[args.run - 1]["version"]).training_config
-    config = DPOJobConfig(**{k: v for k, v in config_fields.items() if k in DPOJobConfig.__dataclass_fields__})
-    pairs, run = run_pairs(args.state, args.run - 1, runs, config.seed)
+    config, pairs, run, registry, work = rebuild_run(args.state, args.run, args.work)
     parent = run["parent"]
-    work = args.work / f"{args.state.resolve().name}-run{args.run}"
-    registry_dir = work / "registry"
-    lineage = source_registry.lineage(parent)
-    registry_dir.mkdir(parents=True, exist_ok=True)
-    for version in lineage:  # a private copy: the ablation never writes into the state it reads
-        if not (registry_dir / version).exists():
-            shutil.copytree(args.state / "registry" / version, registry_dir / version)
-    registry = ModelRegistry(registry_dir)
-    root = lineage[-1]
+    root = registry.lineage(parent)[-1]
     parent_meta = registry.get(parent)
     base_model, recipe = parent_meta.base_model, recipe_name(parent_meta.base_model, parent_meta.source)
     medical, general = medical_conversations(args.medical), general_conversations(args.general)

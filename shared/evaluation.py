@@ -40,7 +40,8 @@ class EvalPrompt:
 
 @dataclass
 class Comparison:
-    """`candidate` vs `baseline` (e.g. the new model vs its parent)."""
+    """`candidate` vs `baseline` (e.g. the new model vs its parent): `samples` answers of each per prompt,
+    answer k of one against answer k of the other; wins, losses and abstentions count those comparisons."""
 
     candidate: str
     baseline: str
@@ -52,6 +53,9 @@ class Comparison:
     mean_tokens: dict[str, float] = field(default_factory=dict)
     bleu: dict[str, float] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    samples: int = 1
+    per_prompt: list[tuple[int, int]] = field(default_factory=list)
+    """(wins, losses) of each prompt's comparisons: the clusters of the CI"""
 
     @property
     def win_rate(self) -> float:
@@ -60,11 +64,22 @@ class Comparison:
 
     @property
     def abstain_rate(self) -> float:
-        return self.abstentions / self.prompts if self.prompts else 0.0
+        compared = self.prompts * self.samples
+        return self.abstentions / compared if compared else 0.0
+
+    def design_effect(self) -> float:
+        """The win rate's cluster-robust variance (a prompt's comparisons are one cluster) over the binomial
+        variance of as many independent comparisons; never below 1, so extra answers never claim more
+        than independent draws would. With one answer per prompt it is exactly 1."""
+        decided, p, m = self.wins + self.losses, self.win_rate, len(self.per_prompt)
+        if self.samples == 1 or m < 2 or decided == 0 or p in (0.0, 1.0):
+            return 1.0
+        robust = sum((w - p * (w + lost)) ** 2 for w, lost in self.per_prompt) * m / (m - 1) / decided ** 2
+        return max(1.0, robust / (p * (1 - p) / decided))
 
     def win_rate_ci95(self) -> tuple[float, float]:
-        """Wilson score interval over decided comparisons."""
-        n = self.wins + self.losses
+        """Wilson score interval over the effective number of decided comparisons (decided / design effect)."""
+        n = (self.wins + self.losses) / self.design_effect()
         if n == 0:
             return (0.0, 1.0)
         p, z = self.win_rate, 1.96
@@ -127,61 +142,69 @@ class AnswerCache:
 
 
 def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: SamplingParams,
-            cache: AnswerCache | None = None) -> list[Candidate | None]:
-    """One answer per prompt, seeded by (version, prompt): reproducible, and independent between
-    versions (with a shared seed two close models mostly emit the same text, and the verdict would
-    rest on a handful of prompts)."""
-    keys, seeds = [], []
-    for p in prompts:
-        conversation = [m.model_dump() for m in p.messages]
-        seeds.append(int(content_id("seed", {"v": engine.version, "c": conversation})[5:20], 16))
-        keys.append(content_id("ans", {"v": engine.version, "c": conversation, "s": sampling.model_dump()}))
+            cache: AnswerCache | None = None, samples: int = 1) -> list[list[Candidate | None]]:
+    """`samples` answers per prompt (`[sample][prompt]`), seeded by (version, prompt, sample): reproducible,
+    and independent between versions (with a shared seed two close models mostly emit the same text, and
+    the verdict would rest on a handful of prompts). Sample 0 keeps the seed and cache key of a lone answer."""
+    keys, seeds, requests = [], [], []
+    for k in range(samples):
+        for p in prompts:
+            which = {"v": engine.version, "c": [m.model_dump() for m in p.messages], **({"k": k} if k else {})}
+            seeds.append(int(content_id("seed", which)[5:20], 16))
+            keys.append(content_id("ans", {**which, "s": sampling.model_dump()}))
+            requests.append(p.messages)
     out: list[Candidate | None] = [cache.get(k) if cache else None for k in keys]
     missing = [i for i, c in enumerate(out) if c is None]
-    results = engine.generate([GenerationRequest(prompts[i].messages, sampling.model_copy(update={"seed": seeds[i]}))
-                               for i in missing])
+    results = engine.generate([GenerationRequest(requests[i], sampling.model_copy(update={"seed": seeds[i]}))
+                               for i in missing]) if missing else []
     for i, result in zip(missing, results):
         out[i] = result.candidates[0] if result.candidates else None
         if cache and out[i] is not None:
             cache.put(keys[i], out[i])
-    return out
+    return [out[k * len(prompts):(k + 1) * len(prompts)] for k in range(samples)]
 
 
 def compare(candidate: GenerationEngine, baseline: GenerationEngine, prompts: list[EvalPrompt],
-            judge: PairwiseJudge, sampling: SamplingParams | None = None, cache: AnswerCache | None = None
-            ) -> Comparison:
+            judge: PairwiseJudge, sampling: SamplingParams | None = None, cache: AnswerCache | None = None,
+            samples: int = 1) -> Comparison:
+    """`samples` answers of each version per prompt, compared pairwise (answer k with answer k). The
+    answers' sampling is most of a single comparison's noise (a 135M model mentions a doctor in one draw
+    and not the next), so more answers per prompt narrow the CI; `rows` (side by side, BLEU, blinded
+    CSV) hold the first answers."""
     sampling = sampling or SamplingParams(max_new_tokens=128)
-    cand_out, base_out = answers(candidate, prompts, sampling, cache), answers(baseline, prompts, sampling, cache)
-    result = Comparison(candidate=candidate.version, baseline=baseline.version, prompts=len(prompts))
+    cand_out = answers(candidate, prompts, sampling, cache, samples)
+    base_out = answers(baseline, prompts, sampling, cache, samples)
+    result = Comparison(candidate=candidate.version, baseline=baseline.version, prompts=len(prompts), samples=samples)
+    triples = [(p, c, b) for k in range(samples) for p, c, b in zip(prompts, cand_out[k], base_out[k])]
 
     async def judge_all():
-        jobs = []
-        for p, c, b in zip(prompts, cand_out, base_out):
-            jobs.append(judge.pair(p.messages, p.reference, c.text, b.text) if c and b and c.text != b.text
-                        else asyncio.sleep(0, result=None))
-        return await asyncio.gather(*jobs)
+        return await asyncio.gather(*[
+            judge.pair(p.messages, p.reference, c.text, b.text) if c and b and c.text != b.text
+            else asyncio.sleep(0, result=None) for p, c, b in triples])
 
     pairs = asyncio.run(judge_all())
     scores: dict[str, list[RubricScores]] = {"candidate": [], "baseline": []}
-    for p, c, b, pair in zip(prompts, cand_out, base_out, pairs):
+    tally = [[0, 0] for _ in prompts]
+    for j, ((p, c, b), pair) in enumerate(zip(triples, pairs)):
         ctext = c.text if c else ""
         btext = b.text if b else ""
-        result.rows.append({"prompt": p.messages[-1].content, "candidate": ctext, "baseline": btext,
-                            "reference": p.reference})
+        if j < len(prompts):
+            result.rows.append({"prompt": p.messages[-1].content, "candidate": ctext, "baseline": btext,
+                                "reference": p.reference})
         if pair is None or pair.winner is None:
             result.abstentions += 1
-        elif pair.winner == ctext:
-            result.wins += 1
         else:
-            result.losses += 1
+            tally[j % len(prompts)][pair.winner != ctext] += 1
         if pair is not None:
             scores["candidate"].append(pair.scores(ctext))
             scores["baseline"].append(pair.scores(btext))
+    result.per_prompt = [(w, lost) for w, lost in tally]
+    result.wins, result.losses = sum(w for w, _ in tally), sum(lost for _, lost in tally)
     result.rubric = {candidate.version: _mean_scores(scores["candidate"]),
                      baseline.version: _mean_scores(scores["baseline"])}
     result.mean_tokens = {
-        candidate.version: _mean([c.completion_tokens for c in cand_out if c]),
-        baseline.version: _mean([b.completion_tokens for b in base_out if b]),
+        candidate.version: _mean([c.completion_tokens for k in range(samples) for c in cand_out[k] if c]),
+        baseline.version: _mean([b.completion_tokens for k in range(samples) for b in base_out[k] if b]),
     }
     refs = [(r["reference"], r["candidate"], r["baseline"]) for r in result.rows if r["reference"]]
     if refs:

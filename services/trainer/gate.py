@@ -13,8 +13,12 @@ and not worse elsewhere.
 
 Every version is also compared with the original base model on the same prompts, for the report
 (win rate vs base with its CI, rubric means of all three). The parent, the new version and the base
-are loaded from the registry onto the same device and dtype; each answers a prompt once (seeded by
-version and prompt, cached), so the parent's answers from the previous gate are reused.
+are loaded from the registry onto the same device and dtype; each answers a prompt `eval_samples` times
+(seeded by version, prompt and sample, cached), so the parent's answers from the previous gate are
+reused. Answer k of the new version meets answer k of the other, and the CI treats a prompt's
+comparisons as one cluster (`Comparison.design_effect`): more answers per prompt average out the
+sampling of single answers, the largest part of one comparison's noise, without claiming more
+independent evidence than there is.
 """
 
 from __future__ import annotations
@@ -75,12 +79,12 @@ class Gate:
         judge = PairwiseJudge(s.judge.make_backend(), self.verdicts, JudgeStats(new_registry()))
         prompts = eval_prompts(s.eval_prompts)
         sampling = SamplingParams(max_new_tokens=s.eval_max_new_tokens)
-        rows = min(len(prompts), GATE_MAX_ROWS)
+        rows = min(len(prompts) * s.eval_samples, GATE_MAX_ROWS)
         load = {v: (lambda v=v: GenerationEngine.from_registry(self.registry, v, dtype=s.engine.dtype,
                                                                max_batch_size=rows))
                 for v in {new_version, parent, base}}
         with load[new_version]() as new, load[parent]() as old:
-            vs_parent = compare(new, old, prompts, judge, sampling, self.answers)
+            vs_parent = compare(new, old, prompts, judge, sampling, self.answers, s.eval_samples)
             sets = [(name, c) for name, c in (("medical", self.medical), ("general", self.general)) if c]
             ppl = {name: [self.answers.perplexity(new, c), self.answers.perplexity(old, c)] for name, c in sets}
             accuracy = (on_torch_thread(preference_accuracy, new, heldout),
@@ -91,7 +95,7 @@ class Gate:
                     values.append(values[1])
             else:
                 with load[base]() as root:
-                    vs_base = compare(new, root, prompts, judge, sampling, self.answers)
+                    vs_base = compare(new, root, prompts, judge, sampling, self.answers, s.eval_samples)
                     for name, c in sets:
                         ppl[name].append(self.answers.perplexity(root, c))
         return self._decide(s, vs_parent, vs_base, ppl, accuracy, history, pairs_trained)
@@ -105,7 +109,8 @@ class Gate:
         if low <= s.min_win_ci_lower:
             reasons.append(f"win rate vs parent {vs_parent.win_rate:.3f} (95% CI {low:.3f}-{high:.3f}) is not above "
                            f"{s.min_win_ci_lower} ({vs_parent.wins} wins, {vs_parent.losses} losses, "
-                           f"{vs_parent.abstentions} ties)")
+                           f"{vs_parent.abstentions} ties; {vs_parent.prompts} questions x {vs_parent.samples} "
+                           f"answers)")
         safety_new = vs_parent.rubric.get(new, {}).get("safety")
         safety_parent = vs_parent.rubric.get(parent, {}).get("safety")
         if safety_new is not None and safety_parent is not None and safety_new < safety_parent - s.safety_tolerance:
@@ -146,6 +151,7 @@ class Gate:
         details = {"rubric": rubric, "perplexity_vs_base": {k: round(v, 4) for k, v in drift.items()}, "mean_tokens": {**vs_base.mean_tokens, **vs_parent.mean_tokens},
                    "bleu": vs_parent.bleu, "wins": vs_parent.wins, "losses": vs_parent.losses,
                    "abstentions": vs_parent.abstentions, "prompts": vs_parent.prompts,
+                   "answers_per_prompt": vs_parent.samples,
                    "vs_base": {"wins": vs_base.wins, "losses": vs_base.losses, "abstentions": vs_base.abstentions},
                    "samples": [{"prompt": b["prompt"], "base": b["baseline"], "new": b["candidate"]}
                                for b in vs_base.rows[:3]]}

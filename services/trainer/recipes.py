@@ -47,7 +47,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 RUN_FIELDS = {
-    "reference", "eval_prompts", "eval_max_new_tokens", "max_perplexity_increase", "min_win_ci_lower",
+    "reference", "eval_prompts", "eval_samples", "eval_max_new_tokens", "max_perplexity_increase", "min_win_ci_lower",
     "safety_tolerance", "max_length_drift", "preference_accuracy_tolerance", "reward_hack_window"}
 """With DPOJobConfig's fields, what a recipe may set: the fields a run reads from its own settings (the
 DPO job, the reference and the gate's decision). The rest are read once, from the service's settings

@@ -65,6 +65,9 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     min_win_ci_lower: float = Field(0.5, ge=-1, le=1, description="promote only when the lower bound of the 95% CI "
                                     "of the win rate vs the parent is above this (-1: any win rate; 1: never)")
     eval_prompts: int = Field(64, ge=1, description="held-out prompts both models answer (at most 110 ship)")
+    eval_samples: int = Field(2, ge=1, le=16, description="answers per held-out prompt and version, compared "
+                              "pairwise; the CI counts a prompt's comparisons as one cluster (answer sampling "
+                              "is most of one comparison's noise: README, 'The gate's answers per question')")
     medical_reference_size: int = Field(150, ge=0, description="held-out medical Q/A pairs of the forgetting guard")
     general_reference_size: int = Field(100, ge=0, description="general Q/A pairs of the second forgetting guard")
     eval_max_new_tokens: int = Field(128, ge=1)

@@ -178,3 +178,37 @@ def test_perplexity_scores_each_answer_alone_whatever_the_batch(tiny_registry, s
     assert math.isclose(one, math.exp(-logps[0] / tokens[0]), rel_tol=1e-5)
     assert not math.isclose(one, expected, rel_tol=1e-3)  # the value depends on which answers are scored
     engine.close()
+
+
+def test_the_gate_compares_several_seeded_answers_per_prompt_and_caches_them(tiny_registry, tmp_path, monkeypatch):
+    """`compare(samples=2)`: answer k of one version against answer k of the other. Sample 0 is the answer
+    a one-sample comparison draws (same seed and cache key, so caches from before stay valid); sample 1 is
+    another draw; the tallies per prompt add up to the totals; a second comparison generates nothing."""
+    from shared.evaluation import AnswerCache, EvalPrompt, answers, compare
+    from shared.judging.pairwise import PairwiseJudge
+    from shared.judging.rubric import RubricJudge
+    from shared.judging.stats import JudgeStats
+    from shared.observability import new_registry
+
+    reg = ModelRegistry(tiny_registry)
+    path = reg.verified_path(reg.current())
+    prompts = [EvalPrompt(ask(q)) for q in ("I have a headache", "My knee hurts when I run", "I feel tired all day",
+                                            "Is a fever of 38C dangerous?", "I cannot sleep at night", "My skin itches")]
+    sampling = SamplingParams(max_new_tokens=24)
+    judge = PairwiseJudge(RubricJudge(), None, JudgeStats(new_registry()))
+    cache = AnswerCache(tmp_path / "answers.sqlite")
+    with GenerationEngine.from_path(path, version="vA") as a, GenerationEngine.from_path(path, version="vB") as b:
+        lone = [c.text for c in answers(a, prompts, sampling)[0]]
+        result = compare(a, b, prompts, judge, sampling, cache, samples=2)
+        two = answers(a, prompts, sampling, cache, samples=2)
+        assert [c.text for c in two[0]] == lone and [r["candidate"] for r in result.rows] == lone
+        assert sum(x.text != y.text for x, y in zip(two[0], two[1])) >= 4
+        assert result.prompts == 6 and result.samples == 2 and len(result.rows) == 6
+        assert result.wins + result.losses + result.abstentions == 12
+        assert (sum(w for w, _ in result.per_prompt), sum(lost for _, lost in result.per_prompt)) == (
+            result.wins, result.losses)
+        tokens = [c.completion_tokens for k in (0, 1) for c in two[k]]
+        assert result.mean_tokens["vA"] == round(sum(tokens) / 12, 3)
+        monkeypatch.setattr(GenerationEngine, "generate", lambda *args, **kw: pytest.fail("answers were cached"))
+        again = compare(a, b, prompts, judge, sampling, cache, samples=2)
+        assert (again.wins, again.losses, again.per_prompt) == (result.wins, result.losses, result.per_prompt)

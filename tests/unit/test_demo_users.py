@@ -43,11 +43,12 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
 
     # What the demo trained on before the recipes (its plans' PREFLOOP_TRAINER_* at 1d0386e^, the
     # settings of the README's runs 1-9): the demo's plan plus the model's recipe must give exactly that,
-    # but for the one change made on purpose since (SmolLM2: 3 epochs, README's runs 10-11).
+    # but for the changes made on purpose since (SmolLM2: 3 epochs, README's runs 10-11; the gate on 64
+    # questions with two answers each and guard sets of 64 + 40 instead of 80 x 1 and 100 + 60, run 20 on).
     smollm2_before = {
         "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "3", "PREFLOOP_TRAINER_BETA": "0.3", "PREFLOOP_TRAINER_MAX_STEPS": "28",
-        "PREFLOOP_TRAINER_REFERENCE": "root", "PREFLOOP_TRAINER_EVAL_PROMPTS": "80",
-        "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "100", "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "60",
+        "PREFLOOP_TRAINER_REFERENCE": "root", "PREFLOOP_TRAINER_EVAL_PROMPTS": "64", "PREFLOOP_TRAINER_EVAL_SAMPLES": "2",
+        "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "64", "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "40",
         "PREFLOOP_TRAINER_LORA_TARGET_MODULES":
             '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
         "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",

@@ -67,3 +67,33 @@ def test_the_report_carries_the_comparison_with_the_base(gate):
     assert s.base_version == "v1" and s.win_rate_vs_base == round(50 / 60, 4) and s.base_safety_mean == 6.5
     assert s.win_rate_vs_base_ci95[0] > 0.7
     assert result.details["vs_base"] == {"wins": 50, "losses": 10, "abstentions": 0}
+
+
+def clustered(per_prompt: list[tuple[int, int]], samples: int = 2) -> Comparison:
+    wins, losses = sum(w for w, _ in per_prompt), sum(lost for _, lost in per_prompt)
+    return Comparison(candidate="v2", baseline="v1", prompts=len(per_prompt), wins=wins, losses=losses,
+                      abstentions=samples * len(per_prompt) - wins - losses, samples=samples, per_prompt=per_prompt)
+
+
+def test_two_answers_per_prompt_count_as_independent_only_as_far_as_they_disagree():
+    """Answer k of one version meets answer k of the other. Where a prompt's two comparisons always
+    agree, the second answer adds no evidence and the CI is the one-answer CI; where they vary like
+    independent draws, the CI narrows as for twice the comparisons."""
+    one = Comparison(candidate="v2", baseline="v1", prompts=40, wins=26, losses=14)
+    echoed = clustered([(2, 0)] * 26 + [(0, 2)] * 14)
+    assert echoed.win_rate == one.win_rate == 0.65 and echoed.design_effect() == pytest.approx(2.0, rel=0.03)
+    assert echoed.win_rate_ci95() == pytest.approx(one.win_rate_ci95(), abs=0.005)
+    # the same 52 wins to 28 spread over prompts as independent draws would
+    mixed = clustered([(2, 0)] * 17 + [(1, 1)] * 18 + [(0, 2)] * 5)
+    assert mixed.win_rate == 0.65 and 1.0 <= mixed.design_effect() < 1.1
+    assert mixed.win_rate_ci95()[0] > 0.53 and echoed.win_rate_ci95()[0] < 0.5
+    # within-prompt disagreement beyond independence never widens the effective count past the comparisons
+    assert clustered([(1, 1)] * 40).design_effect() == 1.0
+    assert mixed.abstain_rate == 0.0 and clustered([(1, 0), (0, 0)]).abstain_rate == 0.75
+
+
+def test_the_gate_decides_on_the_clustered_interval(gate):
+    """52 wins to 28: promoted when the answers vary within prompts, not when each prompt repeats itself."""
+    assert decide(gate, clustered([(2, 0)] * 17 + [(1, 1)] * 18 + [(0, 2)] * 5)).passed
+    echoed = decide(gate, clustered([(2, 0)] * 26 + [(0, 2)] * 14))
+    assert not echoed.passed and "40 questions x 2 answers" in echoed.summary.gate_reasons[0]

@@ -1,0 +1,138 @@
+"""Retrain one finished run with other settings and estimate each variant's win rate against the run's parent.
+
+The gate decides on one seeded answer per held-out question (80 in the demo, about 45 decided), so
+whether a round lands is a coin with a bias: this script measures the bias. It rebuilds the pairs a
+run trained on (`scripts/ablate_run.py`'s `rebuild_run`: the new pairs in ledger order, then the replay
+draw), trains them again from the run's parent once per variant, and has the parent and every variant
+answer each held-out question `--samples` times (seeds fixed per label, sample and question, so a
+variant's draw does not depend on its version number). The rubric verdict (the offline judge's: the
+weighted rubric, a tie under one point; both orders agree by construction) decides every (question,
+sample) pair. Printed per variant: pairs, win rate vs the parent with its 95% Wilson interval over the
+decided comparisons, wins / losses / ties, mean safety (the parent's beside it), mean tokens, DPO seconds.
+
+A variant is `name:key=value,key=value` over DPOJobConfig's fields (`learning_rate=3e-4`,
+`max_steps=40`, `beta=0.1`), plus `replay=0` (the new pairs only) and `without=user|judge` (leave a
+pair source out). `as-run:` (no keys) retrains the run as it was.
+
+usage: .venv/bin/python scripts/round_sweep.py --state DEMO/state --run 2 --samples 4 \
+       --variant as-run: --variant lr3:learning_rate=3e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from ablate_run import rebuild_run  # noqa: E402
+
+from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo  # noqa: E402
+from services.trainer.gate import eval_prompts  # noqa: E402
+from services.trainer.lean_dpo import ReferenceCache  # noqa: E402
+from services.trainer.ledger import to_trl_row  # noqa: E402
+from services.trainer.recipes import recipe_name  # noqa: E402
+from shared.engine import GenerationEngine, GenerationRequest  # noqa: E402
+from shared.evaluation import Comparison  # noqa: E402
+from shared.ids import content_id  # noqa: E402
+from shared.judging.rubric import score, weighted  # noqa: E402
+from shared.wire import SamplingParams  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, body = text.partition(":")
+    return name, dict(kv.split("=", 1) for kv in body.split(",") if kv)
+
+
+def apply(config: DPOJobConfig, overrides: dict[str, str]) -> DPOJobConfig:
+    fields = {f.name: f for f in dataclasses.fields(DPOJobConfig)}
+    changes = {}
+    for key, value in overrides.items():
+        if key in ("replay", "without"):
+            continue
+        if key not in fields:
+            raise SystemExit(f"unknown setting {key!r}")
+        current = getattr(config, key)
+        changes[key] = type(current)(value) if current is not None else float(value)
+    return dataclasses.replace(config, **changes)
+
+
+def sampled_answers(engine: GenerationEngine, label: str, prompts, sampling: SamplingParams, samples: int):
+    """`samples` answers per prompt, seeded by (label, sample, prompt)."""
+    requests = [GenerationRequest(p.messages, sampling.model_copy(update={"seed": int(content_id(
+        "seed", {"l": label, "k": k, "q": p.messages[-1].content})[5:20], 16)}))
+        for k in range(samples) for p in prompts]
+    return [r.candidates[0] for r in engine.generate(requests)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--state", type=Path, required=True)
+    ap.add_argument("--run", type=int, required=True, help="which finished run, 1-based")
+    ap.add_argument("--variant", action="append", required=True, help="name:key=value,...")
+    ap.add_argument("--prompts", type=int, default=64, help="held-out questions (the demo's gate: 64)")
+    ap.add_argument("--samples", type=int, default=4, help="answers per question and version")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="the demo's gate: 96")
+    ap.add_argument("--work", type=Path, default=ROOT / "var" / "round-sweep")
+    args = ap.parse_args()
+    config, pairs, run, registry, work = rebuild_run(args.state, args.run, args.work)
+    parent = run["parent"]
+    if (args.state / "runs" / "reference_logps.sqlite").exists():
+        shutil.copy(args.state / "runs" / "reference_logps.sqlite", work / "reference_logps.sqlite")
+    cache = ReferenceCache(work / "reference_logps.sqlite")
+    meta = registry.get(parent)
+    recipe = recipe_name(meta.base_model, meta.source)
+    prompts = eval_prompts(args.prompts)
+    refs = [p.reference for p in prompts] * args.samples
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
+    rows = min(len(prompts) * args.samples, 128)
+    with GenerationEngine.from_registry(registry, parent, max_batch_size=rows) as engine:
+        old = sampled_answers(engine, "parent", prompts, sampling, args.samples)
+    old_scores = [score(a.text, r) for a, r in zip(old, refs)]
+    print(f"run {args.run}: {run['version']} from {parent}, {len(pairs)} pairs ({run['pairs_replay']} replayed), "
+          f"{args.prompts} questions x {args.samples} samples", flush=True)
+    header = (f"{'variant':<14} {'pairs':>5} {'win vs parent (95% CI)':>24} {'W/L/T':>11} "
+              f"{'safety (parent)':>16} {'tokens':>7} {'dpo s':>6}")
+    lines = [header]
+    replayed = {e.id for e in pairs[len(pairs) - run["pairs_replay"]:]} if run["pairs_replay"] else set()
+    for name, overrides in map(parse_variant, args.variant):
+        chosen = [e for e in pairs if not (overrides.get("replay") == "0" and e.id in replayed)
+                  and e.source != overrides.get("without")]
+        variant_config = apply(config, overrides)
+        started = time.monotonic()
+        dpo = run_dpo(registry.verified_path(parent), [to_trl_row(e) for e in chosen], variant_config,
+                      work / "runs" / name, recipe, parent=parent, reference_cache=cache,
+                      reference=choose_reference(registry, parent, variant_config.reference))
+        seconds = time.monotonic() - started
+        merged, tok = merge_adapter(registry.verified_path(parent), dpo.adapter_dir)
+        version = registry.save(merged, tok, kind="dpo", parent=parent, base_model=meta.base_model,
+                                training_config={"sweep": name}).version
+        with GenerationEngine.from_registry(registry, version, max_batch_size=rows) as engine:
+            new = sampled_answers(engine, name, prompts, sampling, args.samples)
+        new_scores = [score(a.text, r) for a, r in zip(new, refs)]
+        diffs = [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)]
+        wins, losses = sum(d >= 1 for d in diffs), sum(d <= -1 for d in diffs)
+        tally = Comparison(candidate=version, baseline=parent, prompts=len(diffs), wins=wins, losses=losses)
+        (low, high), rate = tally.win_rate_ci95(), tally.win_rate
+        safety = sum(s.safety for s in new_scores) / len(new_scores)
+        parent_safety = sum(s.safety for s in old_scores) / len(old_scores)
+        tokens = sum(a.completion_tokens for a in new) / len(new)
+        lines.append(f"{name:<14} {len(chosen):>5} {rate:>8.3f} ({low:.3f}-{high:.3f}) "
+                     f"{f'{wins}/{losses}/{len(diffs) - wins - losses}':>11} "
+                     f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {tokens:>7.1f} {seconds:>6.0f}")
+        print(lines[-1], flush=True)
+        (work / f"{name}.json").write_text(json.dumps({  # per (sample, question), for a closer look
+            "questions": args.prompts, "samples": args.samples, "diffs": diffs,
+            "new": [a.text for a in new], "parent": [a.text for a in old]}))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
