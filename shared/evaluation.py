@@ -143,13 +143,17 @@ class AnswerCache:
 
 def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: SamplingParams,
             cache: AnswerCache | None = None, samples: int = 1) -> list[list[Candidate | None]]:
-    """`samples` answers per prompt (`[sample][prompt]`), seeded by (version, prompt, sample): reproducible,
+    """`samples` answers per prompt (`[sample][prompt]`), seeded by (weights, prompt, sample): reproducible,
     and independent between versions (with a shared seed two close models mostly emit the same text, and
-    the verdict would rest on a handful of prompts). Sample 0 keeps the seed and cache key of a lone answer."""
+    the verdict would rest on a handful of prompts). The weights' content id, not the version's name:
+    every demo names its rounds v0002 and v0003, and with name-seeded draws each demo's gate drew the
+    same random numbers for similar models (run 21's round 2: 0.500 on its names' draws, 0.667 and 0.597
+    on two others; README). An engine not from a registry is known by its name."""
     keys, seeds, requests = [], [], []
     for k in range(samples):
         for p in prompts:
-            which = {"v": engine.version, "c": [m.model_dump() for m in p.messages], **({"k": k} if k else {})}
+            which = {"v": engine.weights_id or engine.version, "c": [m.model_dump() for m in p.messages],
+                     **({"k": k} if k else {})}
             seeds.append(int(content_id("seed", which)[5:20], 16))
             keys.append(content_id("ans", {**which, "s": sampling.model_dump()}))
             requests.append(p.messages)
@@ -194,7 +198,7 @@ def compare(candidate: GenerationEngine, baseline: GenerationEngine, prompts: li
         if pair is None or pair.winner is None:
             result.abstentions += 1
         else:
-            tally[j % len(prompts)][pair.winner != ctext] += 1
+            tally[j % len(prompts)][0 if pair.winner == ctext else 1] += 1  # [wins, losses] of the prompt
         if pair is not None:
             scores["candidate"].append(pair.scores(ctext))
             scores["baseline"].append(pair.scores(btext))

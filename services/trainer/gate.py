@@ -14,8 +14,8 @@ and not worse elsewhere.
 Every version is also compared with the original base model on the same prompts, for the report
 (win rate vs base with its CI, rubric means of all three). The parent, the new version and the base
 are loaded from the registry onto the same device and dtype; each answers a prompt `eval_samples` times
-(seeded by version, prompt and sample, cached), so the parent's answers from the previous gate are
-reused. Answer k of the new version meets answer k of the other, and the CI treats a prompt's
+(seeded by the version's weights, the prompt and the sample; cached), so the parent's answers from
+the previous gate are reused. Answer k of the new version meets answer k of the other, and the CI treats a prompt's
 comparisons as one cluster (`Comparison.design_effect`): more answers per prompt average out the
 sampling of single answers, the largest part of one comparison's noise, without claiming more
 independent evidence than there is.

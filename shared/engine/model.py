@@ -26,6 +26,7 @@ from shared.engine import decoder as slot_decoder
 from shared.engine.fallback import StaticBatcher
 from shared.engine.scheduler import ContinuousBatcher, Job
 from shared.engine.types import GenerationRequest, GenerationResult, PromptTooLong, TokenCallback
+from shared.ids import content_id
 from shared.registry import ModelRegistry
 from shared.torch_thread import on_torch_thread
 from shared.wire import ChatMessage
@@ -92,6 +93,8 @@ class GenerationEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.version = version
+        self.weights_id: str | None = None
+        """a content id of the weights (`from_registry`: of the version's checksums), else None"""
         self.max_batch_size = max_batch_size
         self.overflow = overflow
         self.device = next(model.parameters()).device
@@ -115,7 +118,9 @@ class GenerationEngine:
         version = version or registry.current()
         if version is None:
             raise FileNotFoundError(f"registry {registry.root} has no current version; run `prefloop bootstrap`")
-        return cls.from_path(registry.verified_path(version), version=version, **kw)
+        engine = cls.from_path(registry.verified_path(version), version=version, **kw)
+        engine.weights_id = content_id("weights", registry.get(version).checksums)
+        return engine
 
     @classmethod
     def from_path(cls, path: str | Path, version: str, dtype: str = "auto", **kw) -> "GenerationEngine":

@@ -212,3 +212,21 @@ def test_the_gate_compares_several_seeded_answers_per_prompt_and_caches_them(tin
         monkeypatch.setattr(GenerationEngine, "generate", lambda *args, **kw: pytest.fail("answers were cached"))
         again = compare(a, b, prompts, judge, sampling, cache, samples=2)
         assert (again.wins, again.losses, again.per_prompt) == (result.wins, result.losses, result.per_prompt)
+
+
+def test_gate_answers_are_seeded_by_the_weights_not_the_version_name(tiny_registry):
+    """Every demo names its rounds v0002, v0003: seeded by name, each demo's gate drew the same random
+    numbers for its similar models. A registry engine's draws follow its weights' checksums instead."""
+    from shared.evaluation import EvalPrompt, answers
+    from shared.ids import content_id
+
+    reg = ModelRegistry(tiny_registry)
+    prompts = [EvalPrompt(ask(q)) for q in ("I have a headache", "My knee hurts", "I feel tired", "I cannot sleep")]
+    sampling = SamplingParams(max_new_tokens=16)
+    with GenerationEngine.from_registry(reg) as engine:
+        assert engine.weights_id == content_id("weights", reg.get(reg.current()).checksums)
+        by_weights = [c.text for c in answers(engine, prompts, sampling)[0]]
+        engine.version = "v0099"  # another name, the same weights: the same draws
+        assert [c.text for c in answers(engine, prompts, sampling)[0]] == by_weights
+        engine.weights_id = None  # an engine not from a registry: known by its name
+        assert [c.text for c in answers(engine, prompts, sampling)[0]] != by_weights
