@@ -69,13 +69,17 @@ def run_pairs(state: Path, index: int, runs: list[dict], seed: int) -> tuple[lis
 def rebuild_run(state: Path, run_no: int, work_root: Path) -> tuple[DPOJobConfig, list, dict, ModelRegistry, Path]:
     """Run `run_no` (1-based) of `state`: its DPO config, its pairs in training order, its record, and a
     private registry holding its parent's lineage (nothing is ever written into `state`), in `work`."""
-    runs = finished_runs(state)
-    fields = ModelRegistry(state / "registry").get(runs[run_no - 1]["version"]).training_config
+    runs, source = finished_runs(state), ModelRegistry(state / "registry")
+    fields = source.get(runs[run_no - 1]["version"]).training_config
     config = DPOJobConfig(**{k: v for k, v in fields.items() if k in DPOJobConfig.__dataclass_fields__})
     pairs, run = run_pairs(state, run_no - 1, runs, config.seed)
     work = work_root / f"{state.resolve().name}-run{run_no}"
     (work / "registry").mkdir(parents=True, exist_ok=True)
-    for version in ModelRegistry(state / "registry").lineage(run["parent"]):
+    lineage = source.lineage(run["parent"])
+    copied = [v for v in lineage if (work / "registry" / v).exists()]
+    if any(ModelRegistry(work / "registry").get(v).checksums != source.get(v).checksums for v in copied):
+        shutil.rmtree(work / "registry")  # another state of the same folder name (every demo's is DIR/state)
+    for version in lineage:
         if not (work / "registry" / version).exists():
             shutil.copytree(state / "registry" / version, work / "registry" / version)
     return config, pairs, run, ModelRegistry(work / "registry"), work

@@ -1,7 +1,8 @@
 """Retrain one finished run with other settings and estimate each variant's win rate against the run's parent.
 
-The gate decides on one seeded answer per held-out question (80 in the demo, about 45 decided), so
-whether a round lands is a coin with a bias: this script measures the bias. It rebuilds the pairs a
+The gate decides on a few seeded answers per held-out question (the demo: 64 questions x 2 answers;
+before 2026-12-01, 80 x 1 with about 45 decided), so whether a round lands is a coin with a bias:
+this script measures the bias. It rebuilds the pairs a
 run trained on (`scripts/ablate_run.py`'s `rebuild_run`: the new pairs in ledger order, then the replay
 draw), trains them again from the run's parent once per variant, and has the parent and every variant
 answer each held-out question `--samples` times (seeds fixed per label, sample and question, so a
@@ -52,15 +53,19 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def apply(config: DPOJobConfig, overrides: dict[str, str]) -> DPOJobConfig:
-    fields = {f.name: f for f in dataclasses.fields(DPOJobConfig)}
+    """Values as JSON (`3e-4`, `true`, `["q_proj","v_proj"]`), else as the string given (`reference=parent`)."""
+    fields = {f.name for f in dataclasses.fields(DPOJobConfig)}
     changes = {}
-    for key, value in overrides.items():
+    for key, text in overrides.items():
         if key in ("replay", "without"):
             continue
         if key not in fields:
             raise SystemExit(f"unknown setting {key!r}")
-        current = getattr(config, key)
-        changes[key] = type(current)(value) if current is not None else float(value)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        changes[key] = float(value) if isinstance(getattr(config, key), float) and isinstance(value, int) else value
     return dataclasses.replace(config, **changes)
 
 
@@ -119,7 +124,10 @@ def main() -> None:
         new_scores = [score(a.text, r) for a, r in zip(new, refs)]
         diffs = [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)]
         wins, losses = sum(d >= 1 for d in diffs), sum(d <= -1 for d in diffs)
-        tally = Comparison(candidate=version, baseline=parent, prompts=len(diffs), wins=wins, losses=losses)
+        per_prompt = [(sum(d >= 1 for d in diffs[i::len(prompts)]), sum(d <= -1 for d in diffs[i::len(prompts)]))
+                      for i in range(len(prompts))]  # diffs are sample-major: question i at i, i + n, ...
+        tally = Comparison(candidate=version, baseline=parent, prompts=len(prompts), wins=wins, losses=losses,
+                           samples=args.samples, per_prompt=per_prompt)
         (low, high), rate = tally.win_rate_ci95(), tally.win_rate
         safety = sum(s.safety for s in new_scores) / len(new_scores)
         parent_safety = sum(s.safety for s in old_scores) / len(old_scores)

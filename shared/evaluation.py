@@ -1,7 +1,8 @@
 """Model-vs-model evaluation shared by the trainer's gate, `prefloop eval` and the demo report.
 
-Both models answer the same held-out prompts (same seed per prompt); the judge compares the
-answers in both orders; a win needs the same verdict in both orders. Also: rubric means per
+Both models answer the same held-out prompts, each answer seeded by (weights, prompt, sample); the
+judge compares answer k of one with answer k of the other in both orders; a win needs the same
+verdict in both orders. Also: rubric means per
 criterion (seed 001's table), mean answer length, BLEU against references (seed 003), the
 blinded rows for human raters, perplexity on a reference set (the forgetting guard) and
 preference accuracy on held-out pairs.
@@ -68,13 +69,19 @@ class Comparison:
         return self.abstentions / compared if compared else 0.0
 
     def design_effect(self) -> float:
-        """The win rate's cluster-robust variance (a prompt's comparisons are one cluster) over the binomial
-        variance of as many independent comparisons; never below 1, so extra answers never claim more
-        than independent draws would. With one answer per prompt it is exactly 1."""
-        decided, p, m = self.wins + self.losses, self.win_rate, len(self.per_prompt)
-        if self.samples == 1 or m < 2 or decided == 0 or p in (0.0, 1.0):
+        """The win rate's cluster-robust variance (the decided comparisons of a prompt are one cluster)
+        over the binomial variance of as many independent comparisons; never below 1, so extra answers
+        never claim more than independent draws would. With one answer per prompt it is exactly 1.
+        Where the spread cannot be estimated (fewer than two prompts decided anything, or every decided
+        comparison went one way), each decided prompt counts once."""
+        decided, p = self.wins + self.losses, self.win_rate
+        clusters = [(w, lost) for w, lost in self.per_prompt if w + lost]
+        m = len(clusters)
+        if self.samples == 1 or decided == 0 or not clusters:
             return 1.0
-        robust = sum((w - p * (w + lost)) ** 2 for w, lost in self.per_prompt) * m / (m - 1) / decided ** 2
+        if m < 2 or p in (0.0, 1.0):
+            return max(1.0, decided / m)
+        robust = sum((w - p * (w + lost)) ** 2 for w, lost in clusters) * m / (m - 1) / decided ** 2
         return max(1.0, robust / (p * (1 - p) / decided))
 
     def win_rate_ci95(self) -> tuple[float, float]:
@@ -108,8 +115,9 @@ def _mean_scores(scores: list[RubricScores]) -> dict[str, float]:
 
 
 class AnswerCache:
-    """Held-out answers by (version, prompt, sampling): a version answers each held-out prompt
-    once, whether it is the candidate in one gate, the parent in the next, or the base of a report."""
+    """Held-out answers by (weights, prompt, sample, sampling): a version gives each of its answers to a
+    held-out prompt once, whether it is the candidate in one gate, the parent in the next, or the base of
+    a report."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +136,8 @@ class AnswerCache:
             self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (key, candidate.model_dump_json()))
 
     def perplexity(self, engine: GenerationEngine, conversations: list[list[dict]]) -> float:
-        """`perplexity()` once per (version, set): a parent's value was its own gate's candidate value."""
-        key = content_id("ppl", {"v": engine.version, "c": conversations, "dtype": str(engine.dtype),
+        """`perplexity()` once per (weights, set): a parent's value was its own gate's candidate value."""
+        key = content_id("ppl", {"v": engine.weights_id or engine.version, "c": conversations, "dtype": str(engine.dtype),
                                  "m": PERPLEXITY_METHOD})
         with self._lock:
             row = self._db.execute("SELECT value FROM perplexity WHERE key = ?", (key,)).fetchone()

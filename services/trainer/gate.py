@@ -57,9 +57,9 @@ def eval_prompts(count: int) -> list[EvalPrompt]:
 
 
 GATE_MAX_ROWS = 128
-"""a version answers up to this many held-out questions in one decode batch (the generator's default
-sequences per pass): SmolLM2 bf16, the demo's 80 questions x 96 tokens, 17.5-19.2 s at 80 rows
-against 20.3-21.1 s at the engine's default 32"""
+"""a version gives up to this many answers (questions x `eval_samples`) in one decode batch (the
+generator's default sequences per pass): SmolLM2 bf16, 80 questions x 96 tokens, 17.5-19.2 s at 80
+rows against 20.3-21.1 s at the engine's default 32; the demo's 64 x 2 fill it"""
 
 
 class Gate:

@@ -182,7 +182,7 @@ def test_perplexity_scores_each_answer_alone_whatever_the_batch(tiny_registry, s
 
 def test_the_gate_compares_several_seeded_answers_per_prompt_and_caches_them(tiny_registry, tmp_path, monkeypatch):
     """`compare(samples=2)`: answer k of one version against answer k of the other. Sample 0 is the answer
-    a one-sample comparison draws (same seed and cache key, so caches from before stay valid); sample 1 is
+    a one-sample comparison draws (the same seed and cache key); sample 1 is
     another draw; the tallies per prompt add up to the totals; a second comparison generates nothing."""
     from shared.evaluation import AnswerCache, EvalPrompt, answers, compare
     from shared.judging.pairwise import PairwiseJudge

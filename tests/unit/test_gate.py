@@ -90,6 +90,11 @@ def test_two_answers_per_prompt_count_as_independent_only_as_far_as_they_disagre
     # within-prompt disagreement beyond independence never widens the effective count past the comparisons
     assert clustered([(1, 1)] * 40).design_effect() == 1.0
     assert mixed.abstain_rate == 0.0 and clustered([(1, 0), (0, 0)]).abstain_rate == 0.75
+    # no spread to estimate (two questions decided, all one way; one question decided): each counts once
+    two_questions = clustered([(2, 0), (2, 0)] + [(0, 0)] * 38)
+    assert two_questions.design_effect() == 2.0 and two_questions.win_rate_ci95()[0] < 0.35
+    one_question = clustered([(14, 2)] + [(0, 0)] * 39, samples=16)
+    assert one_question.design_effect() == 16.0 and one_question.win_rate_ci95()[0] < 0.25
 
 
 def test_the_gate_decides_on_the_clustered_interval(gate):
