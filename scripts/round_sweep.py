@@ -9,7 +9,10 @@ answer each held-out question `--samples` times (seeds fixed per label, sample a
 variant's draw does not depend on its version number). The rubric verdict (the offline judge's: the
 weighted rubric, a tie under one point; both orders agree by construction) decides every (question,
 sample) pair. Printed per variant: pairs, win rate vs the parent with its 95% Wilson interval over the
-decided comparisons, wins / losses / ties, mean safety (the parent's beside it), mean tokens, DPO seconds.
+decided comparisons, wins / losses / ties, mean safety (the parent's beside it), mean tokens, DPO seconds,
+and what issue #12's goal reads: the win rate vs the lineage's base on the same draws (the base answers
+with its own seeds) and held-out perplexity vs the base on the demo's forgetting sets (medical 64,
+general 40; `--medical`, `--general`).
 
 A variant is `name:key=value,key=value` over DPOJobConfig's fields (`learning_rate=3e-4`,
 `max_steps=40`, `beta=0.1`), plus `replay=0` (the new pairs only) and `without=user|judge` (leave a
@@ -41,7 +44,8 @@ from services.trainer.lean_dpo import ReferenceCache  # noqa: E402
 from services.trainer.ledger import to_trl_row  # noqa: E402
 from services.trainer.recipes import recipe_name  # noqa: E402
 from shared.engine import GenerationEngine, GenerationRequest  # noqa: E402
-from shared.evaluation import Comparison  # noqa: E402
+from shared.alignment_data import general_conversations, medical_conversations  # noqa: E402
+from shared.evaluation import AnswerCache, Comparison  # noqa: E402
 from shared.ids import content_id  # noqa: E402
 from shared.judging.rubric import score, weighted  # noqa: E402
 from shared.wire import SamplingParams  # noqa: E402
@@ -77,6 +81,20 @@ def sampled_answers(engine: GenerationEngine, label: str, prompts, sampling: Sam
     return [r.candidates[0] for r in engine.generate(requests)]
 
 
+def tally(candidate: str, baseline: str, new_scores, old_scores, questions: int, samples: int) -> Comparison:
+    """The rubric verdicts of answer k vs answer k; scores are sample-major (question i at i, i + n, ...)."""
+    diffs = [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)]
+    per_prompt = [(sum(d >= 1 for d in diffs[i::questions]), sum(d <= -1 for d in diffs[i::questions]))
+                  for i in range(questions)]
+    return Comparison(candidate=candidate, baseline=baseline, prompts=questions, wins=sum(d >= 1 for d in diffs),
+                      losses=sum(d <= -1 for d in diffs), samples=samples, per_prompt=per_prompt)
+
+
+def rate(c: Comparison) -> str:
+    low, high = c.win_rate_ci95()
+    return f"{c.win_rate:.3f} ({low:.3f}-{high:.3f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--state", type=Path, required=True)
@@ -86,6 +104,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="answers per question and version")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="the demo's gate: 96")
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "round-sweep")
+    ap.add_argument("--medical", type=int, default=64, help="medical forgetting set (the demo's: 64)")
+    ap.add_argument("--general", type=int, default=40, help="general forgetting set (the demo's: 40)")
     args = ap.parse_args()
     config, pairs, run, registry, work = rebuild_run(args.state, args.run, args.work)
     parent = run["parent"]
@@ -98,13 +118,21 @@ def main() -> None:
     refs = [p.reference for p in prompts] * args.samples
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     rows = min(len(prompts) * args.samples, 128)
+    base = registry.lineage(parent)[-1]
+    sets = {"medical": medical_conversations(args.medical), "general": general_conversations(args.general)}
+    perplexities = AnswerCache(work / "perplexity.sqlite")
     with GenerationEngine.from_registry(registry, parent, max_batch_size=rows) as engine:
         old = sampled_answers(engine, "parent", prompts, sampling, args.samples)
+    with GenerationEngine.from_registry(registry, base, max_batch_size=rows) as engine:
+        root = sampled_answers(engine, "base", prompts, sampling, args.samples)
+        base_ppl = {name: perplexities.perplexity(engine, c) for name, c in sets.items()}
     old_scores = [score(a.text, r) for a, r in zip(old, refs)]
+    root_scores = [score(a.text, r) for a, r in zip(root, refs)]
     print(f"run {args.run}: {run['version']} from {parent}, {len(pairs)} pairs ({run['pairs_replay']} replayed), "
           f"{args.prompts} questions x {args.samples} samples", flush=True)
     header = (f"{'variant':<14} {'pairs':>5} {'win vs parent (95% CI)':>24} {'W/L/T':>11} "
-              f"{'safety (parent)':>16} {'tokens':>7} {'dpo s':>6}")
+              f"{'safety (parent)':>16} {'tokens':>7} {'dpo s':>6} {'win vs base (95% CI)':>22} "
+              f"{'safety (base)':>14} {'ppl vs base med/gen':>20}")
     lines = [header]
     replayed = {e.id for e in pairs[len(pairs) - run["pairs_replay"]:]} if run["pairs_replay"] else set()
     for name, overrides in map(parse_variant, args.variant):
@@ -121,24 +149,24 @@ def main() -> None:
                                 training_config={"sweep": name}).version
         with GenerationEngine.from_registry(registry, version, max_batch_size=rows) as engine:
             new = sampled_answers(engine, name, prompts, sampling, args.samples)
+            drift = {k: perplexities.perplexity(engine, c) / base_ppl[k] - 1 for k, c in sets.items()}
         new_scores = [score(a.text, r) for a, r in zip(new, refs)]
-        diffs = [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)]
-        wins, losses = sum(d >= 1 for d in diffs), sum(d <= -1 for d in diffs)
-        per_prompt = [(sum(d >= 1 for d in diffs[i::len(prompts)]), sum(d <= -1 for d in diffs[i::len(prompts)]))
-                      for i in range(len(prompts))]  # diffs are sample-major: question i at i, i + n, ...
-        tally = Comparison(candidate=version, baseline=parent, prompts=len(prompts), wins=wins, losses=losses,
-                           samples=args.samples, per_prompt=per_prompt)
-        (low, high), rate = tally.win_rate_ci95(), tally.win_rate
+        vs_parent = tally(version, parent, new_scores, old_scores, len(prompts), args.samples)
+        vs_base = tally(version, base, new_scores, root_scores, len(prompts), args.samples)
         safety = sum(s.safety for s in new_scores) / len(new_scores)
         parent_safety = sum(s.safety for s in old_scores) / len(old_scores)
+        base_safety = sum(s.safety for s in root_scores) / len(root_scores)
         tokens = sum(a.completion_tokens for a in new) / len(new)
-        lines.append(f"{name:<14} {len(chosen):>5} {rate:>8.3f} ({low:.3f}-{high:.3f}) "
-                     f"{f'{wins}/{losses}/{len(diffs) - wins - losses}':>11} "
-                     f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {tokens:>7.1f} {seconds:>6.0f}")
+        ties = len(new) - vs_parent.wins - vs_parent.losses
+        ppl_text = f"{drift['medical']:+.1%} / {drift['general']:+.1%}"
+        lines.append(f"{name:<14} {len(chosen):>5} {rate(vs_parent):>24} "
+                     f"{f'{vs_parent.wins}/{vs_parent.losses}/{ties}':>11} "
+                     f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {tokens:>7.1f} {seconds:>6.0f} {rate(vs_base):>22} "
+                     f"{f'{safety - base_safety:+.2f}':>14} {ppl_text:>20}")
         print(lines[-1], flush=True)
         (work / f"{name}.json").write_text(json.dumps({  # per (sample, question), for a closer look
-            "questions": args.prompts, "samples": args.samples, "diffs": diffs,
-            "new": [a.text for a in new], "parent": [a.text for a in old]}))
+            "questions": args.prompts, "samples": args.samples, "new": [a.text for a in new],
+            "parent": [a.text for a in old], "base": [a.text for a in root], "perplexity_vs_base": drift}))
     print("\n".join(lines))
 
 
