@@ -27,7 +27,7 @@ def test_smollm2_trains_on_its_recipe_not_on_seed_001s_llama_settings():
     default = TrainerSettings()
     assert (default.beta, default.learning_rate, default.lora_target_modules) == (0.1, None, ["q_proj", "v_proj"])
     tuned, job = run_settings(default, "smollm2")
-    assert (job.beta, job.learning_rate, job.num_train_epochs, job.max_steps) == (0.3, 2e-4, 3.0, 28)
+    assert (job.beta, job.learning_rate, job.num_train_epochs, job.max_steps) == (0.3, 3e-4, 3.0, 28)
     assert (job.per_device_train_batch_size, job.gradient_accumulation_steps, job.max_length) == (4, 1, 384)
     assert len(job.lora_target_modules) == 7 and job.recipe == "smollm2"
     assert tuned.max_perplexity_increase == 0.05  # the 5% forgetting guard stays for a real model
@@ -41,7 +41,7 @@ def test_a_setting_the_operator_made_wins_over_the_recipe(monkeypatch):
     monkeypatch.setenv("PREFLOOP_TRAINER_LORA_TARGET_MODULES", '["q_proj"]')
     tuned, filled = for_base_model(TrainerSettings(max_steps=5), "smollm2")
     assert (tuned.beta, tuned.lora_target_modules, tuned.max_steps) == (0.1, ["q_proj"], 5)
-    assert tuned.learning_rate == 2e-4 and {"beta", "lora_target_modules", "max_steps"}.isdisjoint(filled)
+    assert tuned.learning_rate == 3e-4 and {"beta", "lora_target_modules", "max_steps"}.isdisjoint(filled)
 
 
 @pytest.mark.parametrize("base", [None, "", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "/models/llama3.gguf"])
@@ -88,5 +88,5 @@ def test_a_base_model_is_known_by_preset_file_digest_or_hub_name(meta, recipe):
     tuned, job = run_settings(TrainerSettings(), recipe_name(meta.base_model, meta.source))
     assert job.recipe == recipe and (tuned.beta == 0.3) == (recipe == "smollm2")
     # a job built directly (benchmarks, scripts/ablate_run.py) takes the same recipe's rate by the same name
-    expected = {"smollm2": 2e-4, TINY_BASE: 2e-3}.get(recipe, 5e-5)
+    expected = {"smollm2": 3e-4, TINY_BASE: 2e-3}.get(recipe, 5e-5)
     assert DPOJobConfig().resolved_learning_rate(recipe_name(meta.base_model, meta.source)) == expected
