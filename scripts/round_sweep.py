@@ -132,7 +132,7 @@ def main() -> None:
           f"{args.prompts} questions x {args.samples} samples", flush=True)
     header = (f"{'variant':<14} {'pairs':>5} {'win vs parent (95% CI)':>24} {'W/L/T':>11} "
               f"{'safety (parent)':>16} {'tokens':>7} {'dpo s':>6} {'win vs base (95% CI)':>22} "
-              f"{'safety (base)':>14} {'ppl vs base med/gen':>20}")
+              f"{'safety vs base':>15} {'ppl vs base med/gen':>20}")
     lines = [header]
     replayed = {e.id for e in pairs[len(pairs) - run["pairs_replay"]:]} if run["pairs_replay"] else set()
     for name, overrides in map(parse_variant, args.variant):
@@ -162,10 +162,11 @@ def main() -> None:
         lines.append(f"{name:<14} {len(chosen):>5} {rate(vs_parent):>24} "
                      f"{f'{vs_parent.wins}/{vs_parent.losses}/{ties}':>11} "
                      f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {tokens:>7.1f} {seconds:>6.0f} {rate(vs_base):>22} "
-                     f"{f'{safety - base_safety:+.2f}':>14} {ppl_text:>20}")
+                     f"{f'{safety - base_safety:+.2f}':>15} {ppl_text:>20}")
         print(lines[-1], flush=True)
         (work / f"{name}.json").write_text(json.dumps({  # per (sample, question), for a closer look
-            "questions": args.prompts, "samples": args.samples, "new": [a.text for a in new],
+            "questions": len(prompts), "samples": args.samples, "new": [a.text for a in new],
+            "diffs_vs_parent": [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)],
             "parent": [a.text for a in old], "base": [a.text for a in root], "perplexity_vs_base": drift}))
     print("\n".join(lines))
 

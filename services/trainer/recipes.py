@@ -37,12 +37,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # SmolLM2-135M-Instruct: the sweep's best (beta 0.3, LoRA r16 on all seven projections, batch 4)
     # with at most 28 optimizer steps per run: 32 steps reached the quality goal twice and broke the
     # 5% medical forgetting guard once in the demo's runs (README). 3 epochs, so a first round's ~40
-    # pairs also train 28 steps: at 2 epochs (19-22 steps) round 1 ended at a win rate of 0.686-0.698
-    # and safety +0.49..+0.53 in three runs, at 3 at 0.74 and +0.71..+0.75 in two; later rounds, with
-    # replay, reach the cap either way. lr 3e-4, not the sweep's 2e-4: run 23's round 1 retrained
-    # (scripts/round_sweep.py, 4 answers x 64) went from 0.671 vs the base, safety +0.75, perplexity
-    # +1.0% / +1.7% to 0.843, +1.09, +2.4% / +3.0% (4e-4: 0.795, +1.07, +4.0% / +3.8%, too near the 5%
-    # guard); its round 2 at 4e-4 beat its parent 0.766 against the recipe's 0.638.
+    # pairs also train 28 steps: at 2e-4, with 2 epochs (19-22 steps) round 1 ended at a win rate of
+    # 0.686-0.698 and safety +0.49..+0.53 in three runs, with 3 at 0.74 and +0.71..+0.75 in two; later
+    # rounds, with replay, reach the cap either way. lr 3e-4, not the sweep's 2e-4: run 23's round 1
+    # retrained (scripts/round_sweep.py, 4 answers x 64) went from 0.671 vs the base, safety +0.75,
+    # perplexity +1.0% / +1.7% to 0.843, +1.09, +2.4% / +3.0% (4e-4: 0.795, +1.07, +4.0% / +3.8%, too
+    # near the 5% guard); its round 2 at 4e-4 beat its parent 0.766 against 2e-4's 0.638. Demo runs
+    # 24-27 at 3e-4: 0.871-0.918 vs the base, safety +1.53..+1.80, perplexity at most +4.5% (README).
     "smollm2": {"learning_rate": 3e-4, "beta": 0.3, "num_train_epochs": 3.0, "max_steps": 28,
                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 384,
                 "lora_target_modules": SEVEN_PROJECTIONS},

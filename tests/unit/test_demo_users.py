@@ -54,7 +54,7 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
             '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]',
         "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",
         "PREFLOOP_TRAINER_MAX_LENGTH": "384", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96",
-        "PREFLOOP_TRAINER_LEARNING_RATE": "3e-4"}  # then from dpo.LEARNING_RATES, by base model
+        "PREFLOOP_TRAINER_LEARNING_RATE": "3e-4"}  # now from recipes.RECIPES, by base model
     tiny_before = {"PREFLOOP_TRAINER_MAX_PERPLEXITY_INCREASE": "0.15", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "64",
                    "PREFLOOP_TRAINER_LEARNING_RATE": "2e-3"}
     for plan, base, before in (("smollm2", "smollm2", smollm2_before), ("tiny", TINY_BASE, tiny_before)):
