@@ -81,9 +81,13 @@ def sampled_answers(engine: GenerationEngine, label: str, prompts, sampling: Sam
     return [r.candidates[0] for r in engine.generate(requests)]
 
 
-def tally(candidate: str, baseline: str, new_scores, old_scores, questions: int, samples: int) -> Comparison:
-    """The rubric verdicts of answer k vs answer k; scores are sample-major (question i at i, i + n, ...)."""
-    diffs = [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)]
+def score_diffs(new_scores, old_scores) -> list[float]:
+    """Weighted rubric of answer k minus that of answer k; sample-major (question i at i, i + n, ...)."""
+    return [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)]
+
+
+def tally(candidate: str, baseline: str, diffs: list[float], questions: int, samples: int) -> Comparison:
+    """The rubric verdicts of `score_diffs`: a win from one point up, a loss from one point down."""
     per_prompt = [(sum(d >= 1 for d in diffs[i::questions]), sum(d <= -1 for d in diffs[i::questions]))
                   for i in range(questions)]
     return Comparison(candidate=candidate, baseline=baseline, prompts=questions, wins=sum(d >= 1 for d in diffs),
@@ -151,8 +155,9 @@ def main() -> None:
             new = sampled_answers(engine, name, prompts, sampling, args.samples)
             drift = {k: perplexities.perplexity(engine, c) / base_ppl[k] - 1 for k, c in sets.items()}
         new_scores = [score(a.text, r) for a, r in zip(new, refs)]
-        vs_parent = tally(version, parent, new_scores, old_scores, len(prompts), args.samples)
-        vs_base = tally(version, base, new_scores, root_scores, len(prompts), args.samples)
+        diffs = score_diffs(new_scores, old_scores)
+        vs_parent = tally(version, parent, diffs, len(prompts), args.samples)
+        vs_base = tally(version, base, score_diffs(new_scores, root_scores), len(prompts), args.samples)
         safety = sum(s.safety for s in new_scores) / len(new_scores)
         parent_safety = sum(s.safety for s in old_scores) / len(old_scores)
         base_safety = sum(s.safety for s in root_scores) / len(root_scores)
@@ -166,7 +171,7 @@ def main() -> None:
         print(lines[-1], flush=True)
         (work / f"{name}.json").write_text(json.dumps({  # per (sample, question), for a closer look
             "questions": len(prompts), "samples": args.samples, "new": [a.text for a in new],
-            "diffs_vs_parent": [weighted(n) - weighted(o) for n, o in zip(new_scores, old_scores)],
+            "diffs_vs_parent": diffs,
             "parent": [a.text for a in old], "base": [a.text for a in root], "perplexity_vs_base": drift}))
     print("\n".join(lines))
 

@@ -27,10 +27,16 @@ from shared.wire import ChatMessage, SamplingParams  # noqa: E402
 PREFIX = [ChatMessage(role="system", content=SYSTEM_PROMPT)]
 
 
-def rows(count: int, offset: int = 0) -> list[GenerationRequest]:
+def rows(count: int, offset: int = 0, n: int = 1) -> list[GenerationRequest]:
     questions = [e.messages[-1].content for e in health_prompts("train")][offset:offset + count]
     return [GenerationRequest(PREFIX + [ChatMessage(role="user", content=q)],
-                              SamplingParams(temperature=0.7, max_new_tokens=96)) for q in questions]
+                              SamplingParams(temperature=0.7, max_new_tokens=96), n=n) for q in questions]
+
+
+def timed(engine: GenerationEngine, requests: list[GenerationRequest]) -> float:
+    started = time.monotonic()
+    engine.generate(requests)
+    return time.monotonic() - started
 
 
 def main() -> None:
@@ -45,21 +51,16 @@ def main() -> None:
     with GenerationEngine.from_registry(registry, args.version, max_batch_size=64, shared_prefix=PREFIX) as engine:
         if args.as_other:
             print("ready", flush=True)
-            started = time.monotonic()
-            engine.generate([GenerationRequest(rows(1, 100)[0].messages, rows(1)[0].sampling, n=args.other)])
-            print(f"other process: {args.other} answers in {time.monotonic() - started:.1f}s", flush=True)
+            seconds = timed(engine, rows(1, 100, n=args.other))
+            print(f"other process: {args.other} answers in {seconds:.1f}s", flush=True)
             return
         mine = rows(args.rows)
-        started = time.monotonic()
-        engine.generate(mine)
-        print(f"this process, {args.rows} rows alone: {time.monotonic() - started:.1f}s", flush=True)
+        print(f"this process, {args.rows} rows alone: {timed(engine, mine):.1f}s", flush=True)
         other = start_other()
         print(f"{other.stdout.read().strip()} (alone)", flush=True)
         other.wait()
         other = start_other()
-        started = time.monotonic()
-        engine.generate(mine)
-        print(f"this process, {args.rows} rows beside the other: {time.monotonic() - started:.1f}s", flush=True)
+        print(f"this process, {args.rows} rows beside the other: {timed(engine, mine):.1f}s", flush=True)
         print(f"{other.stdout.read().strip()} (beside this one)", flush=True)
         other.wait()
 
@@ -71,6 +72,7 @@ def start_other() -> subprocess.Popen:
     if other.stdout.readline().strip() != "ready":
         raise SystemExit("the second process did not start")
     return other
+
 
 if __name__ == "__main__":
     main()
