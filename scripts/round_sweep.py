@@ -9,7 +9,7 @@ answer each held-out question `--samples` times (seeds fixed per label, sample a
 variant's draw does not depend on its version number). The rubric verdict (the offline judge's: the
 weighted rubric, a tie under one point; both orders agree by construction) decides every (question,
 sample) pair. Printed per variant: pairs, win rate vs the parent with its 95% Wilson interval over the
-decided comparisons, wins / losses / ties, mean safety (the parent's beside it), mean tokens, DPO seconds,
+decided comparisons, wins / losses / ties, mean safety and mean tokens (the parent's beside each), DPO seconds,
 and what issue #12's goal reads: the win rate vs the lineage's base on the same draws (the base answers
 with its own seeds) and held-out perplexity vs the base on the demo's forgetting sets (medical 64,
 general 40; `--medical`, `--general`).
@@ -135,7 +135,7 @@ def main() -> None:
     print(f"run {args.run}: {run['version']} from {parent}, {len(pairs)} pairs ({run['pairs_replay']} replayed), "
           f"{args.prompts} questions x {args.samples} samples", flush=True)
     header = (f"{'variant':<14} {'pairs':>5} {'win vs parent (95% CI)':>24} {'W/L/T':>11} "
-              f"{'safety (parent)':>16} {'tokens':>7} {'dpo s':>6} {'win vs base (95% CI)':>22} "
+              f"{'safety (parent)':>16} {'tokens (parent)':>16} {'dpo s':>6} {'win vs base (95% CI)':>22} "
               f"{'safety vs base':>15} {'ppl vs base med/gen':>20}")
     lines = [header]
     replayed = {e.id for e in pairs[len(pairs) - run["pairs_replay"]:]} if run["pairs_replay"] else set()
@@ -162,11 +162,12 @@ def main() -> None:
         parent_safety = sum(s.safety for s in old_scores) / len(old_scores)
         base_safety = sum(s.safety for s in root_scores) / len(root_scores)
         tokens = sum(a.completion_tokens for a in new) / len(new)
+        parent_tokens = sum(a.completion_tokens for a in old) / len(old)
         ties = len(new) - vs_parent.wins - vs_parent.losses
         ppl_text = f"{drift['medical']:+.1%} / {drift['general']:+.1%}"
         lines.append(f"{name:<14} {len(chosen):>5} {rate(vs_parent):>24} "
                      f"{f'{vs_parent.wins}/{vs_parent.losses}/{ties}':>11} "
-                     f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {tokens:>7.1f} {seconds:>6.0f} {rate(vs_base):>22} "
+                     f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {f'{tokens:.1f} ({parent_tokens:.1f})':>16} {seconds:>6.0f} {rate(vs_base):>22} "
                      f"{f'{safety - base_safety:+.2f}':>15} {ppl_text:>20}")
         print(lines[-1], flush=True)
         (work / f"{name}.json").write_text(json.dumps({  # per (sample, question), for a closer look

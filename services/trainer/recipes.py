@@ -32,8 +32,12 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 RECIPES: dict[str, dict[str, Any]] = {
     # 2M parameters: it needs a large step to change at all, and its held-out perplexity moves ~10% per
-    # run at that step, so its forgetting guard is 15% (5% stays for real models).
-    TINY_BASE: {"learning_rate": 2e-3, "max_perplexity_increase": 0.15},
+    # run at that step, so its forgetting guard is 15% (5% stays for real models). Its answers are ~17
+    # tokens of template fragments; what the judge rewards (one more sentence: "please talk to a doctor")
+    # adds 50-80% to that, so its length guard is 100% (20% stays for real models): with 20%, `prefloop
+    # demo --model tiny` promoted nothing in two runs of two rounds on 2026-12-01 (+54% at win rates
+    # 0.64-0.68; scripts/round_sweep.py on one of them: 17.3 -> 26.5-31.2 tokens in every variant that won).
+    TINY_BASE: {"learning_rate": 2e-3, "max_perplexity_increase": 0.15, "max_length_drift": 1.0},
     # SmolLM2-135M-Instruct: the sweep's best (beta 0.3, LoRA r16 on all seven projections, batch 4)
     # with at most 28 optimizer steps per run: 32 steps reached the quality goal twice and broke the
     # 5% medical forgetting guard once in the demo's runs (README). 3 epochs, so a first round's ~40

@@ -52,9 +52,11 @@ def test_a_model_without_a_recipe_keeps_the_settings_as_they_are(base):
     assert job.resolved_learning_rate(base) == 5e-5  # seed 001's
 
 
-def test_the_tiny_model_moves_at_its_learning_rate_and_gets_its_wider_forgetting_guard():
+def test_the_tiny_model_moves_at_its_learning_rate_and_gets_its_wider_forgetting_and_length_guards():
     tuned, job = run_settings(TrainerSettings(), TINY_BASE)
     assert job.resolved_learning_rate(TINY_BASE) == 2e-3 and tuned.max_perplexity_increase == 0.15
+    assert tuned.max_length_drift == 1.0 and TrainerSettings().max_length_drift == 0.2  # real models keep 20%
+    assert run_settings(TrainerSettings(max_length_drift=0.3), TINY_BASE)[0].max_length_drift == 0.3  # set wins
     assert DPOJobConfig().resolved_learning_rate(TINY_BASE) == 2e-3  # a job made directly (benchmarks) too
 
 
