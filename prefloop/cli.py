@@ -57,6 +57,10 @@ def broker(
 @app.command()
 def serve(service: str = typer.Argument(..., help="generator | judge | trainer | gateway")) -> None:
     """Run one service (settings from PREFLOOP_<SERVICE>_* variables) until SIGTERM."""
+    from shared.allocator import TORCH_SERVICES, reexec_with_malloc_tunables
+
+    if service in TORCH_SERVICES:
+        reexec_with_malloc_tunables()  # before any work: glibc reads its malloc settings at process start
     from shared.service import serve as run
 
     from pydantic import ValidationError

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from shared.allocator import TORCH_SERVICES, with_malloc_tunables
 from shared.broker import EmbeddedBroker, free_port
 from shared.registry import ModelRegistry
 from shared.settings import KafkaSettings
@@ -88,7 +89,8 @@ class Stack:
     def _env(self, name: str) -> dict[str, str]:
         w = self.workdir
         p = f"PREFLOOP_{name.upper()}_"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        inherited = with_malloc_tunables(os.environ) if name in TORCH_SERVICES else os.environ
+        env = {**inherited, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PREFLOOP_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap, "PREFLOOP_KAFKA_TOPIC_PREFIX": "",
                f"{p}HTTP_PORT": str(self.ports[name]), f"{p}REGISTRY_DIR": str(w / "registry")}
         env.setdefault("PREFLOOP_JUDGE_BACKEND", "rubric")

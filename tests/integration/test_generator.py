@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
+from shared.allocator import MALLOC_TUNABLES
 from shared.engine import GenerationEngine
 from shared.registry import ModelRegistry
 from shared.topics import CANDIDATES, MODEL_UPDATES, PROMPTS
@@ -29,6 +32,11 @@ def test_prompts_in_candidates_out_and_a_model_update_switches_the_version(kafka
     gen = ServiceProcess("generator", kafka, tmp_path, registry_dir=registry_copy.root, batch_size=4,
                          batch_timeout_ms=200).start()
     try:
+        # `prefloop serve` restarted itself (same pid) with the malloc settings, or kept the runner's own.
+        # glibc before 2.39 parses the variable in place, so /proc shows the first tunable or more.
+        environ = dict(v.split("=", 1) for v in Path(f"/proc/{gen.proc.pid}/environ").read_text().split("\0") if v)
+        shown, expected = environ["GLIBC_TUNABLES"], os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)
+        assert expected.startswith(shown) and expected[len(shown):][:1] in ("", ":") and bool(shown) == bool(expected)
         assert gen.get("/status").json()["policy_version"] == "v0001"
         first = [prompt(f"My head hurts, day {i}. What should I do?", sampling=SamplingParams(max_new_tokens=48))
                  for i in range(6)]

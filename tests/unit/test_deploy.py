@@ -7,6 +7,8 @@ import compose_spec
 import pytest
 import yaml
 
+from shared.allocator import MALLOC_TUNABLES, TORCH_SERVICES
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # resolves << merge keys like compose does
 SERVICES = ("generator", "judge", "trainer", "gateway")
@@ -31,6 +33,8 @@ def test_each_service_has_its_own_non_root_image_healthcheck_and_healthy_depende
     assert svc["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
     gpu = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     assert bool(gpu) == (name != "judge")
+    # the torch services' images start with the malloc settings (no restart in `prefloop serve`)
+    assert (f"GLIBC_TUNABLES={MALLOC_TUNABLES}\n" in text) == (name in TORCH_SERVICES)
 
 
 def test_judge_image_has_no_torch_and_secrets_are_required():
