@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import add_model_args, ensure_registry  # noqa: E402
+from shared.allocator import reexec_with_malloc_tunables  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = dict(beta=0.1, learning_rate=2e-4, per_device_train_batch_size=4, gradient_accumulation_steps=1,
@@ -160,4 +161,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tunables()  # the torch services' malloc settings (shared/allocator.py), both rows alike
     main()

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import add_model_args, ensure_registry  # noqa: E402
 from services.generator.sampler import delivery_seed  # noqa: E402
 from services.generator.settings import GeneratorSettings  # noqa: E402
+from shared.allocator import reexec_with_malloc_tunables  # noqa: E402
 from shared.alignment_data import health_prompts  # noqa: E402
 from shared.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from shared.engine.decoder import Projection  # noqa: E402
@@ -215,4 +216,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tunables()  # the torch services' malloc settings (shared/allocator.py), both rows alike
     main()

@@ -4,9 +4,10 @@ glibc serves a large allocation (above a threshold that grows to at most 32 MiB)
 unmaps it on free, and it trims the top of its heap back to the system; a torch step allocates and frees
 the same large buffers (logits, activations, KV blocks) every time, so each step faults in fresh zeroed
 pages: 25 million minor page faults and 138 s of system time in one SmolLM2 demo on 2 cores. With mmap
-off for allocations and the heap kept (`MALLOC_TUNABLES`), measured here on SmolLM2: the gate's 64x2
-answers 26.4 s against 29.9 s (page faults 5x fewer), DPO 10 steps 55 s against 59 s (4x fewer); a
-process then keeps its high-water memory instead of returning it (DPO's peak RSS 3.6 GB against 3.4 GB).
+off for allocations and the heap kept (`MALLOC_TUNABLES`), measured on SmolLM2 (README, "Memory
+allocator"): the gate's 64x2 answers 25.5-26.4 s against 28.2-31.8 s (page faults 3-5x fewer), DPO 10
+steps 51.7-58.4 s against 54.8-65.6 s (4x fewer); a process then keeps its high-water memory instead
+of returning it (DPO's peak RSS 3.64 GB against 3.41 GB).
 
 glibc reads GLIBC_TUNABLES once, when a process starts, so a launcher sets it for its children
 (`prefloop up` / `demo`, the three Dockerfiles), and `prefloop serve` restarts itself with it when it was
