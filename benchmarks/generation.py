@@ -33,15 +33,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before torch: the torch services' malloc settings (shared/allocator.py), all rows alike
+    from shared.allocator import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from benchmarks.common import add_model_args, ensure_registry  # noqa: E402
 from services.generator.sampler import delivery_seed  # noqa: E402
 from services.generator.settings import GeneratorSettings  # noqa: E402
-from shared.allocator import reexec_with_malloc_tunables  # noqa: E402
 from shared.alignment_data import health_prompts  # noqa: E402
 from shared.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from shared.engine.decoder import Projection  # noqa: E402
@@ -216,5 +219,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_tunables()  # the torch services' malloc settings (shared/allocator.py), both rows alike
     main()

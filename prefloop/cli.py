@@ -58,6 +58,7 @@ def broker(
 def serve(service: str = typer.Argument(..., help="generator | judge | trainer | gateway")) -> None:
     """Run one service (settings from PREFLOOP_<SERVICE>_* variables) until SIGTERM."""
     from shared.allocator import TORCH_SERVICES, reexec_with_malloc_tunables
+    from shared.allocator import describe as describe_malloc  # noqa: I001
 
     if service in TORCH_SERVICES:
         reexec_with_malloc_tunables()  # before any work: glibc reads its malloc settings at process start
@@ -88,6 +89,8 @@ def serve(service: str = typer.Argument(..., help="generator | judge | trainer |
                        f"{error['msg'].removeprefix('Value error, ')}", err=True)
         raise typer.Exit(code=2)
     configure_logging(settings.log, service)
+    if service in TORCH_SERVICES:
+        logging.getLogger(__name__).info("malloc: %s", describe_malloc())
     run(create_app(settings), settings)
 
 

@@ -131,6 +131,7 @@ def main() -> None:
         root = sampled_answers(engine, "base", prompts, sampling, args.samples)
         base_ppl = {name: perplexities.perplexity(engine, c) for name, c in sets.items()}
     old_scores = [score(a.text, r) for a, r in zip(old, refs)]
+    parent_tokens = sum(a.completion_tokens for a in old) / len(old)
     root_scores = [score(a.text, r) for a, r in zip(root, refs)]
     print(f"run {args.run}: {run['version']} from {parent}, {len(pairs)} pairs ({run['pairs_replay']} replayed), "
           f"{args.prompts} questions x {args.samples} samples", flush=True)
@@ -162,12 +163,12 @@ def main() -> None:
         parent_safety = sum(s.safety for s in old_scores) / len(old_scores)
         base_safety = sum(s.safety for s in root_scores) / len(root_scores)
         tokens = sum(a.completion_tokens for a in new) / len(new)
-        parent_tokens = sum(a.completion_tokens for a in old) / len(old)
         ties = len(new) - vs_parent.wins - vs_parent.losses
         ppl_text = f"{drift['medical']:+.1%} / {drift['general']:+.1%}"
         lines.append(f"{name:<14} {len(chosen):>5} {rate(vs_parent):>24} "
                      f"{f'{vs_parent.wins}/{vs_parent.losses}/{ties}':>11} "
-                     f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {f'{tokens:.1f} ({parent_tokens:.1f})':>16} {seconds:>6.0f} {rate(vs_base):>22} "
+                     f"{f'{safety:.2f} ({parent_safety:.2f})':>16} {f'{tokens:.1f} ({parent_tokens:.1f})':>16} "
+                     f"{seconds:>6.0f} {rate(vs_base):>22} "
                      f"{f'{safety - base_safety:+.2f}':>15} {ppl_text:>20}")
         print(lines[-1], flush=True)
         (work / f"{name}.json").write_text(json.dumps({  # per (sample, question), for a closer look

@@ -34,9 +34,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 2M parameters: it needs a large step to change at all, and its held-out perplexity moves ~10% per
     # run at that step, so its forgetting guard is 15% (5% stays for real models). Its answers are ~17
     # tokens of template fragments; what the judge rewards (one more sentence: "please talk to a doctor")
-    # adds 50-80% to that, so its length guard is 100% (20% stays for real models): with 20%, `prefloop
+    # adds 50-85% to that, so its length guard is 100% (20% stays for real models): with 20%, `prefloop
     # demo --model tiny` promoted nothing in two runs of two rounds on 2026-12-01 (+54% at win rates
     # 0.64-0.68; scripts/round_sweep.py on one of them: 17.3 -> 26.5-31.2 tokens in every variant that won).
+    # The guard is on |change|, so at 100% it never stops a shrink: the toy's collapse shows in its win
+    # rate and perplexity guards instead.
     TINY_BASE: {"learning_rate": 2e-3, "max_perplexity_increase": 0.15, "max_length_drift": 1.0},
     # SmolLM2-135M-Instruct: the sweep's best (beta 0.3, LoRA r16 on all seven projections, batch 4)
     # with at most 28 optimizer steps per run: 32 steps reached the quality goal twice and broke the

@@ -32,11 +32,14 @@ def test_prompts_in_candidates_out_and_a_model_update_switches_the_version(kafka
     gen = ServiceProcess("generator", kafka, tmp_path, registry_dir=registry_copy.root, batch_size=4,
                          batch_timeout_ms=200).start()
     try:
-        # `prefloop serve` restarted itself (same pid) with the malloc settings, or kept the runner's own.
-        # glibc before 2.39 parses the variable in place, so /proc shows the first tunable or more.
-        environ = dict(v.split("=", 1) for v in Path(f"/proc/{gen.proc.pid}/environ").read_text().split("\0") if v)
-        shown, expected = environ["GLIBC_TUNABLES"], os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)
-        assert expected.startswith(shown) and expected[len(shown):][:1] in ("", ":") and bool(shown) == bool(expected)
+        # `prefloop serve` restarted itself (same pid) with the malloc settings, or kept the runner's own;
+        # its log says what it runs with (glibc before 2.39 parses the variable in place, so /proc shows
+        # only a prefix of it)
+        expected = os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)
+        assert f"malloc: GLIBC_TUNABLES={expected}" in gen.log.read_text()
+        environ = dict(v.partition("=")[::2] for v in Path(f"/proc/{gen.proc.pid}/environ").read_text().split("\0"))
+        assert environ.get("PREFLOOP_MALLOC_RESTARTED") == (None if "GLIBC_TUNABLES" in os.environ else "1")
+        assert expected.startswith(environ["GLIBC_TUNABLES"])
         assert gen.get("/status").json()["policy_version"] == "v0001"
         first = [prompt(f"My head hurts, day {i}. What should I do?", sampling=SamplingParams(max_new_tokens=48))
                  for i in range(6)]
