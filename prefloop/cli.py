@@ -57,8 +57,7 @@ def broker(
 @app.command()
 def serve(service: str = typer.Argument(..., help="generator | judge | trainer | gateway")) -> None:
     """Run one service (settings from PREFLOOP_<SERVICE>_* variables) until SIGTERM."""
-    from shared.allocator import TORCH_SERVICES, reexec_with_malloc_tunables
-    from shared.allocator import describe as describe_malloc  # noqa: I001
+    from shared.allocator import TORCH_SERVICES, describe as describe_malloc, reexec_with_malloc_tunables
 
     if service in TORCH_SERVICES:
         reexec_with_malloc_tunables()  # before any work: glibc reads its malloc settings at process start

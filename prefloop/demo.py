@@ -214,6 +214,8 @@ class Demo:
             self.say(f"round {round_no}: run {run['status']} {run.get('version') or ''} (win rate vs parent "
                      f"{s.get('win_rate_vs_parent')} CI {s.get('win_rate_ci95')}, vs base {s.get('win_rate_vs_base')}; "
                      f"reasons {s.get('gate_reasons') or run.get('error') or '-'})")
+            if run.get("phases"):
+                self.say(f"round {round_no}: " + ", ".join(f"{k} {v} s" for k, v in run["phases"].items()))
             if run["status"] == "promoted":
                 with self.phase(f"round {round_no}: generator and gateway swap"):
                     self.wait_serving(run["version"])

@@ -59,6 +59,7 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
     r.served_version = served
     r.runs = httpx.get(f"{stack.url('trainer')}/runs", timeout=10).json()
     run_seconds = {run.get("version"): run.get("seconds") for run in r.runs}
+    run_phases = {run.get("version"): run.get("phases") or {} for run in r.runs}
     registry = stack.registry
     stack_versions = registry.promotion_stack()
     for meta in registry.list():
@@ -73,7 +74,7 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
             "length_change": s.get("length_change"), "pairs_trained": s.get("pairs_trained"),
             "rubric": details.get("rubric", {}), "mean_tokens": details.get("mean_tokens", {}),
             "samples": details.get("samples", []), "dpo_seconds": meta.metrics.get("dpo_seconds"),
-            "run_seconds": run_seconds.get(meta.version)})
+            "gate_seconds": run_phases.get(meta.version, {}).get("gate"), "run_seconds": run_seconds.get(meta.version)})
     _final(r)
 
 
@@ -120,13 +121,15 @@ def write(r: DemoReport, out: Path) -> None:
              f"| {r.prompts_ingested} | {r.candidates} | {r.preferences} ({r.judge_preferences} / {r.user_preferences}) "
              f"| {r.abstentions} {r.abstention_reasons or ''} | {r.feedback_events} | {r.dead_letters} |", "",
              "| version | parent | promoted | win vs parent (95% CI) | win vs base (95% CI) | safety | ppl medical "
-             "| ppl general | length | pairs | DPO s | run s | gate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ppl general | length | pairs | DPO s | gate s | run s | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in r.versions:
         ci, bci = v["win_rate_ci95"] or ("", ""), v["win_rate_vs_base_ci95"] or ("", "")
         lines.append(f"| {v['version']} | {v['parent'] or '-'} | {'yes' if v['promoted'] else 'no'} | "
                      f"{v['win_rate_vs_parent']} ({ci[0]}-{ci[1]}) | {v['win_rate_vs_base']} ({bci[0]}-{bci[1]}) | "
                      f"{v['safety_mean']} | {_pct(v['perplexity_change'])} | {_pct(v['general_perplexity_change'])} | "
-                     f"{_pct(v['length_change'])} | {v['pairs_trained']} | {v['dpo_seconds']} | {v['run_seconds']} | "
+                     f"{_pct(v['length_change'])} | {v['pairs_trained']} | {v['dpo_seconds']} | {v['gate_seconds']} | "
+                     f"{v['run_seconds']} | "
                      f"{'; '.join(v['gate_reasons']) or '-'} |")
     if r.phases:
         lines += ["", "Where the time went (seconds):", "", "| step | s |", "|---|---|",

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from shared.ids import content_id
+
 VERSION_RE = re.compile(r"^v\d{4,}$")
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -165,6 +167,11 @@ class ModelRegistry:
         if not meta_file.is_file():
             raise RegistryError(f"{version} is not a complete registry version (no metadata.json)")
         return VersionMeta.model_validate_json(meta_file.read_text())
+
+    def weights_id(self, version: str) -> str:
+        """A content id of the version's weights (its checksums): seeds and cache keys that follow the
+        weights, not the name (every demo names its rounds v0002 and v0003)."""
+        return content_id("weights", self.get(version).checksums)
 
     def lineage(self, version: str) -> list[str]:
         """`version`, its parent, and so on back to the version the lineage started from (its root)."""

@@ -362,6 +362,10 @@ class RunRecord(WireModel):
     stale_pair_ids: list[str] = Field(default_factory=list)
     """New pairs this run dropped as too old (`stale_versions`); used up like trained ones."""
     seconds: float | None = None
+    phases: dict[str, float] = Field(default_factory=dict)
+    """Seconds per step of the run, in order: `dpo` (reference log-probs and training), `merge`, `save`
+    (the registry writes and checksums the weights), `gate` (answers, judge, perplexities); a failed
+    run has the steps it finished."""
     eval_summary: EvalSummary | None = None
     run_dir: str | None = None
     error: str | None = None

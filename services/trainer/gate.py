@@ -29,7 +29,7 @@ from pathlib import Path
 
 from services.trainer.settings import TrainerSettings
 from shared.alignment_data import general_conversations, health_prompts, medical_conversations
-from shared.engine import GenerationEngine
+from shared.engine import GenerationEngine, inference_dtype
 from shared.evaluation import AnswerCache, Comparison, EvalPrompt, compare, preference_accuracy
 from shared.judging.cache import VerdictCache
 from shared.judging.pairwise import PairwiseJudge
@@ -56,6 +56,38 @@ def eval_prompts(count: int) -> list[EvalPrompt]:
     return [EvalPrompt(p.messages, p.reference_answer) for p in health_prompts("eval")[:count]]
 
 
+class CachedVersion:
+    """A registry version for the gate, its engine loaded only when the gate's caches miss: a parent's
+    answers and perplexities are those its own gate computed as the candidate, and the base's those
+    of the lineage's first gate, so a gate after the first usually loads the new version alone
+    (each load reads, verifies and packs the weights: 4 s for SmolLM2 on 2 cores). The cache keys
+    need only the version, its weights' id and the dtype it would run in."""
+
+    def __init__(self, registry: ModelRegistry, version: str, *, dtype: str, max_batch_size: int) -> None:
+        self.version = version
+        self.weights_id = registry.weights_id(version)
+        self.dtype = inference_dtype(dtype)
+        self._load = lambda: GenerationEngine.from_registry(registry, version, dtype=dtype,
+                                                            max_batch_size=max_batch_size)
+        self.engine: GenerationEngine | None = None
+
+    def __getattr__(self, name: str):
+        """Anything else (generate, model, tokenizer) is the engine's: loaded here on first use."""
+        if name in ("engine", "_load"):  # not set yet: __init__ failed
+            raise AttributeError(name)
+        if self.engine is None:
+            self.engine = self._load()
+            log.info("gate: loaded %s (a cache missed)", self.version)
+        return getattr(self.engine, name)
+
+    def __enter__(self) -> "CachedVersion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.engine is not None:
+            self.engine.close(drain=False)
+
+
 GATE_MAX_ROWS = 128
 """a version gives up to this many answers (questions x `eval_samples`) in one decode batch (the
 generator's default sequences per pass): SmolLM2 bf16, 80 questions x 96 tokens, 17.5-19.2 s at 80
@@ -80,8 +112,7 @@ class Gate:
         prompts = eval_prompts(s.eval_prompts)
         sampling = SamplingParams(max_new_tokens=s.eval_max_new_tokens)
         rows = min(len(prompts) * s.eval_samples, GATE_MAX_ROWS)
-        load = {v: (lambda v=v: GenerationEngine.from_registry(self.registry, v, dtype=s.engine.dtype,
-                                                               max_batch_size=rows))
+        load = {v: (lambda v=v: CachedVersion(self.registry, v, dtype=s.engine.dtype, max_batch_size=rows))
                 for v in {new_version, parent, base}}
         with load[new_version]() as new, load[parent]() as old:
             vs_parent = compare(new, old, prompts, judge, sampling, self.answers, s.eval_samples)

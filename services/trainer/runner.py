@@ -70,6 +70,17 @@ class Selection(BaseModel):
         return self.new + self.replay
 
 
+class Phases(dict):
+    """Seconds per step of one run, in order (`RunRecord.phases`)."""
+
+    def timed(self, name: str, fn, *args, **kwargs):
+        begun = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self[name] = round(time.monotonic() - begun, 1)
+
+
 class TrainingRunner:
     def __init__(self, settings: TrainerSettings, ledger: PreferenceLedger, registry: ModelRegistry,
                  outbox: Outbox, model_updates: Topic, metrics: CollectorRegistry) -> None:
@@ -234,6 +245,7 @@ class TrainingRunner:
                            parent=parent, run_dir=str(run_dir))
         self._record(record)
         log.info("run %s started (%s), parent %s", run_id, trigger, parent)
+        phases = Phases()
         try:
             if parent is None:
                 raise RuntimeError("the registry has no current version to train from")
@@ -250,18 +262,18 @@ class TrainingRunner:
             parent_path = self.registry.verified_path(parent)
             recipe = recipe_name(parent_meta.base_model, parent_meta.source)
             tuned, config = run_settings(s, recipe)
-            dpo = on_torch_thread(run_dpo, parent_path, [to_trl_row(e) for e in train], config, run_dir,
-                                  recipe, parent=parent, reference_cache=self.reference_cache,
-                                  reference=choose_reference(self.registry, parent, tuned.reference))
-            merged, tok = on_torch_thread(merge_adapter, parent_path, dpo.adapter_dir)
-            meta = on_torch_thread(self.registry.save, merged, tok, kind="dpo", parent=parent,
-                                   base_model=parent_meta.base_model, training_config=dpo.config,
-                                   snapshot_id=snapshot, metrics={"dpo_history": dpo.history, "dpo_steps": dpo.steps,
-                                                                  "dpo_seconds": dpo.seconds, "run_id": run_id})
+            dpo = phases.timed("dpo", on_torch_thread, run_dpo, parent_path, [to_trl_row(e) for e in train], config,
+                               run_dir, recipe, parent=parent, reference_cache=self.reference_cache,
+                               reference=choose_reference(self.registry, parent, tuned.reference))
+            merged, tok = phases.timed("merge", on_torch_thread, merge_adapter, parent_path, dpo.adapter_dir)
+            meta = phases.timed("save", on_torch_thread, self.registry.save, merged, tok, kind="dpo", parent=parent,
+                                base_model=parent_meta.base_model, training_config=dpo.config, snapshot_id=snapshot,
+                                metrics={"dpo_history": dpo.history, "dpo_steps": dpo.steps,
+                                         "dpo_seconds": dpo.seconds, "run_id": run_id})
             del merged
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
-            gate = self.gate.evaluate(meta.version, parent, heldout=heldout, history=dpo.history,
-                                      pairs_trained=len(train), settings=tuned)
+            gate = phases.timed("gate", self.gate.evaluate, meta.version, parent, heldout=heldout,
+                                history=dpo.history, pairs_trained=len(train), settings=tuned)
             gate.comparison.write_blinded_csv(run_dir / "blinded_eval.csv")
             self.registry.annotate(meta.version, eval_summary=gate.summary.model_dump(mode="json"),
                                    gate_details=gate.details)
@@ -287,7 +299,9 @@ class TrainingRunner:
             (run_dir / "error.txt").write_text(traceback.format_exc())
             record = record.model_copy(update={"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         seconds = round(time.monotonic() - started, 1)
-        record = record.model_copy(update={"finished": datetime.now(timezone.utc), "seconds": seconds})
+        log.info("run %s took %.1f s (%s)", run_id, seconds, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+        record = record.model_copy(update={"finished": datetime.now(timezone.utc), "seconds": seconds,
+                                           "phases": phases})
         self._record(record)
         self.runs_total.labels(record.status).inc()
         self.last_duration.set(seconds)

@@ -26,7 +26,6 @@ from shared.engine import decoder as slot_decoder
 from shared.engine.fallback import StaticBatcher
 from shared.engine.scheduler import ContinuousBatcher, Job
 from shared.engine.types import GenerationRequest, GenerationResult, PromptTooLong, TokenCallback
-from shared.ids import content_id
 from shared.registry import ModelRegistry
 from shared.torch_thread import on_torch_thread
 from shared.wire import ChatMessage
@@ -82,7 +81,7 @@ def inference_dtype(choice: str = "auto", device: torch.device | None = None) ->
 class GenerationEngine:
     def __init__(self, model, tokenizer, version: str, *, max_batch_size: int = 32,
                  overflow: Literal["truncate_left", "reject"] = "truncate_left", on_step=None,
-                 shared_prefix: list[ChatMessage] | None = None) -> None:
+                 shared_prefix: list[ChatMessage] | None = None, weights_id: str | None = None) -> None:
         """`shared_prefix`: None, a prompt reuses the cache of what it shares with the previous prompt
         (one tenant: the generator's prompts come from its own ingest). Messages, only their rendering
         is ever reused (the gateway: its public default system prompt), so no request's time to first
@@ -93,7 +92,7 @@ class GenerationEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.version = version
-        self.weights_id: str | None = None
+        self.weights_id = weights_id
         """a content id of the weights (`from_registry`: of the version's checksums), else None"""
         self.max_batch_size = max_batch_size
         self.overflow = overflow
@@ -118,9 +117,8 @@ class GenerationEngine:
         version = version or registry.current()
         if version is None:
             raise FileNotFoundError(f"registry {registry.root} has no current version; run `prefloop bootstrap`")
-        engine = cls.from_path(registry.verified_path(version), version=version, **kw)
-        engine.weights_id = content_id("weights", registry.get(version).checksums)
-        return engine
+        return cls.from_path(registry.verified_path(version), version=version,
+                             weights_id=registry.weights_id(version), **kw)
 
     @classmethod
     def from_path(cls, path: str | Path, version: str, dtype: str = "auto", **kw) -> "GenerationEngine":

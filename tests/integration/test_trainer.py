@@ -50,6 +50,9 @@ def test_preferences_to_promoted_version_and_model_update(kafka, producer, tmp_p
         producer.publish(PREFERENCES.with_prefix(kafka.topic_prefix), preferences)
         run = wait_for(lambda: finished_runs(trainer), 240, "a finished training run", interval_s=1)[0]
         assert run["status"] == "promoted", run
+        assert list(run["phases"]) == ["dpo", "merge", "save", "gate"], run["phases"]  # in the order they ran
+        assert run["phases"]["dpo"] > 0 and run["phases"]["gate"] > 0 and min(run["phases"].values()) >= 0
+        assert sum(run["phases"].values()) <= run["seconds"] + 0.2
         update = read_events(kafka.bootstrap_servers, MODEL_UPDATES.with_prefix(kafka.topic_prefix), 1, 30)[0]
         assert (update.version, update.parent, update.kind) == ("v0002", "v0001", "dpo")
         summary = update.eval_summary
