@@ -60,22 +60,30 @@ class Stack:
         self.broker = EmbeddedBroker(log_file=self.workdir / "logs" / "broker.log")
         self.broker.start(topics=all_topics_with_dlq())
         on_progress(f"broker ready on {self.broker.bootstrap}")
-        self.bootstrap(on_progress)
+        empty = self.check_registry()
+        # The services start while the model is registered: their imports and the bootstrap overlap, and
+        # generator and gateway check the registry every 2 s until they serve a version.
         for name in self.services:
             self._spawn(name)
+        if empty:
+            self.bootstrap(on_progress)
         self.wait_ready(on_progress)
         return self
 
-    def bootstrap(self, on_progress) -> None:
-        """Register `model` if the registry is empty; refuse a registry that holds another model."""
+    def check_registry(self) -> bool:
+        """True for an empty registry; refuses one that holds another model."""
         current = self.registry.current()
-        if current is not None:
-            meta = self.registry.get(current)
-            held = "tiny" if meta.source is None or meta.source.kind == "tiny" else meta.source.name
-            if held != self.model:
-                raise RuntimeError(f"{self.registry.root} already holds {current} of {held!r}, not {self.model!r}: "
-                                   f"use another state directory, or --model {held}")
-            return
+        if current is None:
+            return True
+        meta = self.registry.get(current)
+        held = "tiny" if meta.source is None or meta.source.kind == "tiny" else meta.source.name
+        if held != self.model:
+            raise RuntimeError(f"{self.registry.root} already holds {current} of {held!r}, not {self.model!r}: "
+                               f"use another state directory, or --model {held}")
+        return False
+
+    def bootstrap(self, on_progress) -> None:
+        """Register `model` in the (empty) registry."""
         from services.trainer.bootstrap import bootstrap_base, bootstrap_tiny
 
         if self.model == "tiny":

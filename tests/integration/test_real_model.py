@@ -188,7 +188,7 @@ def test_up_serves_smollm2_and_its_chat_page_and_ctrl_c_leaves_no_process(tmp_pa
     state = tmp_path / "up"
     shutil.copytree(smollm2_registry, state / "registry")
     with pytest.raises(RuntimeError, match="holds v0001 of 'smollm2', not 'tiny'"):
-        Stack(state, model="tiny").bootstrap(lambda msg: None)
+        Stack(state, model="tiny").check_registry()
     port = free_port()
     proc = subprocess.Popen([PREFLOOP, "up", "--model", "smollm2", "--state", str(state), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
