@@ -66,7 +66,13 @@ def test_overlay_renders_and_validates(overlay):
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     # secrets reach the pods as files (the *_FILE settings), never as environment variables
     assert not [e for wl in w.values() for c in wl["spec"]["template"]["spec"]["containers"]
-                for e in c.get("env", []) if "valueFrom" in e]
+                for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    # torch's threads follow each container's CPU limit (the overlays patch the limits), not the node's cores
+    for name in ("generator", "trainer", "gateway", "bootstrap"):
+        env_of = w[name]["spec"]["template"]["spec"]["containers"][0]["env"]
+        threads = [e for e in env_of if e["name"] == "OMP_NUM_THREADS"]
+        assert threads and threads[0]["valueFrom"]["resourceFieldRef"] == {"resource": "limits.cpu", "divisor": "1"}
+    assert "OMP_NUM_THREADS" not in {e["name"] for e in w["judge"]["spec"]["template"]["spec"]["containers"][0].get("env", [])}
     mounted = {(name, item["key"]) for name, wl in w.items() for v in wl["spec"]["template"]["spec"]["volumes"]
                if "secret" in v for item in v["secret"]["items"]}
     assert {("gateway", "admin-key"), ("gateway", "gateway-api-keys"), ("trainer", "admin-key"),
