@@ -203,8 +203,8 @@ class Demo:
         with self.phase("start: broker, model, services"):
             self.stack.start(self.say)
         self.say(f"gateway {self.stack.url('gateway')} (API key {self.stack.api_key})")
-        self.ingest(1)
         for round_no in range(1, self.rounds + 1):
+            self.ingest(round_no)
             self.say(f"round {round_no}: waiting for every prompt to be sampled, judged and in the ledger")
             with self.phase(f"round {round_no}: sample, judge, ledger"):
                 self.wait_judged()
@@ -221,10 +221,6 @@ class Demo:
                     self.wait_serving(run["version"])
                 self.say(f"generator and gateway now serve {run['version']}")
             if round_no < self.rounds:
-                # the next round's questions first: the generator samples them while users talk to the
-                # gateway, and the users' re-queued questions join afterwards (one short batch, not one
-                # in front of the round's 64)
-                self.ingest(round_no + 1)
                 with self.phase(f"round {round_no}: users through the gateway"):
                     self.play_users(round_no)
         self.report.elapsed_s = round(time.monotonic() - started, 1)
