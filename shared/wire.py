@@ -365,7 +365,7 @@ class RunRecord(WireModel):
     phases: dict[str, float] = Field(default_factory=dict)
     """Seconds per step of the run, in order: `dpo` (reference log-probs and training), `merge`, `save`
     (the registry writes and checksums the weights), `gate` (answers, judge, perplexities); a failed
-    run has the steps it finished."""
+    run has the steps it began, the failed one with its time until it failed."""
     eval_summary: EvalSummary | None = None
     run_dir: str | None = None
     error: str | None = None

@@ -59,8 +59,9 @@ def eval_prompts(count: int) -> list[EvalPrompt]:
 class CachedVersion:
     """A registry version for the gate, its engine loaded only when the gate's caches miss: a parent's
     answers and perplexities are those its own gate computed as the candidate, and the base's those
-    of the lineage's first gate, so a gate after the first usually loads the new version alone
-    (each load reads, verifies and packs the weights: 4 s for SmolLM2 on 2 cores). The cache keys
+    of the lineage's first gate, so a gate after the first loads the new version alone (each load
+    reads, verifies and packs the weights: 4 s for SmolLM2 on 2 cores) unless the ledger has held-out
+    pairs: their preference accuracy is computed with the parent's weights every time. The cache keys
     need only the version, its weights' id and the dtype it would run in."""
 
     def __init__(self, registry: ModelRegistry, version: str, *, dtype: str, max_batch_size: int) -> None:

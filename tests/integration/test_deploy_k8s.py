@@ -67,6 +67,8 @@ def test_overlay_renders_and_validates(overlay):
     # secrets reach the pods as files (the *_FILE settings), never as environment variables
     assert not [e for wl in w.values() for c in wl["spec"]["template"]["spec"]["containers"]
                 for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not [f for wl in w.values() for c in wl["spec"]["template"]["spec"]["containers"]
+                for f in c.get("envFrom", []) if "secretRef" in f]
     # torch's threads follow each container's CPU limit (the overlays patch the limits), not the node's cores
     for name in ("generator", "trainer", "gateway", "bootstrap"):
         env_of = w[name]["spec"]["template"]["spec"]["containers"][0]["env"]

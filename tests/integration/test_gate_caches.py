@@ -14,6 +14,7 @@ from services.trainer.gate import Gate
 from services.trainer.settings import TrainerSettings
 from shared.engine import GenerationEngine
 from shared.registry import ModelRegistry
+from shared.settings import EngineSettings
 
 
 @pytest.fixture
@@ -46,8 +47,11 @@ def loads(monkeypatch) -> list[str]:
 
 
 def settings(tmp_path) -> TrainerSettings:
+    """fp32: the fresh gate's answers must be the same text as the cached ones, and in bf16 a row's
+    logits can move with how many rows decode beside it"""
     return TrainerSettings(runs_dir=str(tmp_path / "runs"), eval_prompts=6, eval_samples=2, eval_max_new_tokens=24,
-                           medical_reference_size=6, general_reference_size=4)
+                           medical_reference_size=6, general_reference_size=4,
+                           engine=EngineSettings(dtype="float32"))
 
 
 def test_a_gate_loads_only_the_versions_its_caches_lack_and_decides_as_with_empty_caches(lineage, tmp_path,
