@@ -58,8 +58,7 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
     r.dead_letter_reasons = [f"{d.original_topic}@{d.offset}: {d.error}" for d in dead]
     r.served_version = served
     r.runs = httpx.get(f"{stack.url('trainer')}/runs", timeout=10).json()
-    run_seconds = {run.get("version"): run.get("seconds") for run in r.runs}
-    run_phases = {run.get("version"): run.get("phases") or {} for run in r.runs}
+    runs = {run.get("version"): run for run in r.runs}
     registry = stack.registry
     stack_versions = registry.promotion_stack()
     for meta in registry.list():
@@ -74,7 +73,8 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
             "length_change": s.get("length_change"), "pairs_trained": s.get("pairs_trained"),
             "rubric": details.get("rubric", {}), "mean_tokens": details.get("mean_tokens", {}),
             "samples": details.get("samples", []), "dpo_seconds": meta.metrics.get("dpo_seconds"),
-            "gate_seconds": run_phases.get(meta.version, {}).get("gate"), "run_seconds": run_seconds.get(meta.version)})
+            "gate_seconds": (runs.get(meta.version, {}).get("phases") or {}).get("gate"),
+            "run_seconds": runs.get(meta.version, {}).get("seconds")})
     _final(r)
 
 

@@ -113,9 +113,11 @@ class Gate:
         prompts = eval_prompts(s.eval_prompts)
         sampling = SamplingParams(max_new_tokens=s.eval_max_new_tokens)
         rows = min(len(prompts) * s.eval_samples, GATE_MAX_ROWS)
-        load = {v: (lambda v=v: CachedVersion(self.registry, v, dtype=s.engine.dtype, max_batch_size=rows))
-                for v in {new_version, parent, base}}
-        with load[new_version]() as new, load[parent]() as old:
+
+        def load(version: str) -> CachedVersion:
+            return CachedVersion(self.registry, version, dtype=s.engine.dtype, max_batch_size=rows)
+
+        with load(new_version) as new, load(parent) as old:
             vs_parent = compare(new, old, prompts, judge, sampling, self.answers, s.eval_samples)
             sets = [(name, c) for name, c in (("medical", self.medical), ("general", self.general)) if c]
             ppl = {name: [self.answers.perplexity(new, c), self.answers.perplexity(old, c)] for name, c in sets}
@@ -126,7 +128,7 @@ class Gate:
                 for values in ppl.values():
                     values.append(values[1])
             else:
-                with load[base]() as root:
+                with load(base) as root:
                     vs_base = compare(new, root, prompts, judge, sampling, self.answers, s.eval_samples)
                     for name, c in sets:
                         ppl[name].append(self.answers.perplexity(root, c))
