@@ -61,7 +61,8 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
                 if not stop.is_set():
                     loops.start(ConsumeLoop(PROMPTS.with_prefix(prefix), group_id=settings.group_id,
                                             handler=sampler.handle, batch_size=settings.batch_size,
-                                            batch_timeout_ms=settings.batch_timeout_ms, **common))
+                                            batch_timeout_ms=settings.batch_timeout_ms,
+                                            max_in_flight=settings.max_in_flight_batches, **common))
                     state["consuming"] = True
             except Exception:  # noqa: BLE001 - visible in the log and in /readyz
                 log.exception("generator failed to start consuming")

@@ -16,6 +16,9 @@ class GeneratorSettings(ServiceSettings):
     registry_dir: str = Field("var/registry", description="model registry root")
     batch_size: int = Field(64, ge=1, description="prompts per handled batch (x n sequences decoded together)")
     batch_timeout_ms: int = Field(500, ge=0)
+    max_in_flight_batches: int = Field(
+        4, ge=1, description="prompt batches handled at once: one that arrives while another decodes joins the "
+                             "engine's running batch instead of waiting for all of it (commits stay in order)")
     max_batch_sequences: int = Field(128, ge=1, description="sequences (prompts x n) decoded together")
     registry_check_s: float = Field(30.0, gt=0, description="how often to converge on the registry's current "
                                     "version besides model-update events")

@@ -7,6 +7,11 @@ or handled, with the reason; commit offsets only after all of that succeeded. On
 (SIGTERM), an in-flight batch gets `shutdown_grace_s` to finish, else it is abandoned
 uncommitted and will be redelivered. Handlers must be idempotent on the event id.
 
+With `max_in_flight` > 1 the loop gathers the next batch while earlier ones are handled, each on
+its own thread (the generator: a batch that arrives while one decodes joins the engine's running
+batch instead of waiting for all of it). Batches are committed oldest first and never past one
+still in flight, so a crash redelivers every record not yet handled and none is skipped.
+
 A handler whose publish the broker cannot take for now (`BrokerUnavailable`), or that finds
 another dependency down (any `Unavailable`, e.g. the judge endpoint), is waited out and the
 batch runs again; nothing is dead-lettered or committed for it. One whose output the broker
@@ -21,6 +26,7 @@ import signal
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 
 from kafka import KafkaConsumer, TopicPartition
@@ -66,6 +72,20 @@ class _LoopMetrics:
                                     ["topic"], registry=reg)
 
 
+class _Batch:
+    """Records being handled on a thread of their own, and what came of it."""
+
+    def __init__(self, records: list) -> None:
+        self.records = records
+        self.valid: list[Received] = []
+        self.dead: list[DeadLetter] = []
+        self.failures: list[tuple[Received, BaseException, int]] = []
+        self.handled = threading.Event()  # the handler got past every outage (else a stop cut it short)
+        self.done = threading.Event()
+        self.started = time.monotonic()
+        self.seconds = 0.0
+
+
 class _DropRevoked(ConsumerRebalanceListener):
     def __init__(self, loop: "ConsumeLoop") -> None:
         self._loop = loop
@@ -97,6 +117,7 @@ class ConsumeLoop:
         max_attempts: int = 3,
         retry_wait_s: float = 0.2,
         shutdown_grace_s: float = 10.0,
+        max_in_flight: int = 1,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.topic = topic
@@ -110,6 +131,9 @@ class ConsumeLoop:
         self._max_attempts = max_attempts
         self._retry_wait_s = retry_wait_s
         self._grace_s = shutdown_grace_s
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self._max_in_flight = max_in_flight
         self._stop = threading.Event()
         self._pending: list = []
         self._carried: list = []  # records a keep-alive poll returned while a batch was being handled
@@ -148,26 +172,36 @@ class ConsumeLoop:
         )
         consumer.subscribe([self.topic.name], listener=_DropRevoked(self))
         log.info("consuming %s as group %s", self.topic.name, self._group_id)
+        in_flight: deque[_Batch] = deque()  # oldest first: committed in this order, never past an unfinished one
         try:
             while not self._stop.is_set():
-                batch = self._gather(consumer)
-                if not batch:
-                    continue
-                if not self._process(batch, consumer):
-                    self.abandoned_batches += 1
-                    log.warning("abandoned an in-flight batch of %d records uncommitted", len(batch))
-                    break
-                self._commit(consumer, batch)
+                if in_flight and in_flight[0].done.is_set():
+                    batch = in_flight.popleft()
+                    if not self._settle(batch):
+                        self._abandon([batch, *in_flight])
+                        return
+                    self._commit(consumer, batch.records)
+                elif len(in_flight) >= self._max_in_flight:
+                    self._wait_paused(consumer, in_flight[0])
+                else:
+                    records = self._gather(consumer, in_flight[0] if in_flight else None)
+                    if records:
+                        in_flight.append(self._start(records))
+            self._finish_on_stop(consumer, in_flight)
         finally:
             consumer.close(autocommit=False)
             log.info("consumer for %s closed", self.topic.name)
 
-    def _gather(self, consumer: KafkaConsumer) -> list:
-        """Poll until `batch_size` records or `batch_timeout` after the first record."""
+    def _gather(self, consumer: KafkaConsumer, oldest: "_Batch | None" = None) -> list:
+        """Poll until `batch_size` records or `batch_timeout` after the first record. Returns early, with
+        nothing, when no record came and the `oldest` batch in flight finished (it is committed first)."""
         self._pending, self._carried = self._carried, []
         first_at: float | None = time.monotonic() if self._pending else None
         while not self._stop.is_set():
-            wait_s = 0.5 if first_at is None else max(0.0, first_at + self._batch_timeout_s - time.monotonic())
+            if first_at is None and oldest is not None and oldest.done.is_set():
+                return []
+            idle_s = 0.5 if oldest is None else 0.1
+            wait_s = idle_s if first_at is None else max(0.0, first_at + self._batch_timeout_s - time.monotonic())
             polled = consumer.poll(timeout_ms=int(wait_s * 1000), max_records=self._batch_size - len(self._pending))
             if consumer.assignment():
                 self.assigned.set()
@@ -182,51 +216,69 @@ class ConsumeLoop:
             return []  # abandon what was gathered: nothing handled, nothing committed
         return self._pending
 
-    def _process(self, records: list, consumer: KafkaConsumer | None = None) -> bool:
-        """Decode, handle, dead-letter. Returns False if the batch was abandoned on stop.
+    def _start(self, records: list) -> "_Batch":
+        """Decode the records and start handling the valid ones on a thread of their own."""
+        batch = _Batch(records)
+        for rec in records:
+            key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
+            try:
+                batch.valid.append(Received(decode(self.topic, rec.value), rec.topic, rec.partition, rec.offset, key,
+                                            rec.value or b""))
+            except DecodeError as exc:
+                batch.dead.append(self._dead_letter(rec, key, exc.kind, str(exc), attempts=0))
+
+        def work() -> None:
+            try:
+                self._until_available(lambda: batch.failures.extend(self._handle_with_retries(batch.valid)))
+                batch.handled.set()
+            finally:
+                batch.seconds = time.monotonic() - batch.started
+                batch.done.set()
+
+        threading.Thread(target=work, name=f"handler-{self.topic.name}", daemon=True).start()
+        return batch
+
+    def _wait_paused(self, consumer: KafkaConsumer | None, batch: "_Batch") -> None:
+        """Wait for `batch` (or a stop), polling with the partitions paused.
 
         While the handler works (a generator batch on a busy CPU, an endpoint outage waited out),
         the loop's own thread keeps polling with its partitions paused: the group then never takes
         the partitions away for `max_poll_interval_ms` and redelivers a batch that is still being
         handled. A record such a poll returns anyway (a partition assigned meanwhile) is carried
         into the next batch, never dropped."""
-        valid: list[Received] = []
-        dead: list[DeadLetter] = []
-        for rec in records:
-            key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
-            try:
-                valid.append(Received(decode(self.topic, rec.value), rec.topic, rec.partition, rec.offset, key,
-                                      rec.value or b""))
-            except DecodeError as exc:
-                dead.append(self._dead_letter(rec, key, exc.kind, str(exc), attempts=0))
-        failures: list[tuple[Received, BaseException, int]] = []
-        done, handled = threading.Event(), threading.Event()
-
-        def work() -> None:
-            try:
-                self._until_available(lambda: failures.extend(self._handle_with_retries(valid)))
-                handled.set()
-            finally:
-                done.set()
-
-        started = time.monotonic()
-        worker = threading.Thread(target=work, name=f"handler-{self.topic.name}", daemon=True)
         paused = self._pause(consumer)
-        worker.start()
         try:
-            while not done.wait(0.1):
-                if self._stop.is_set():
-                    if not done.wait(self._grace_s):
-                        return False
-                    break
+            while not batch.done.wait(0.1) and not self._stop.is_set():
                 self._keep_alive(consumer)
         finally:
             self._resume(consumer, paused)
-        if not handled.is_set():
+
+    def _finish_on_stop(self, consumer: KafkaConsumer, in_flight: "deque[_Batch]") -> None:
+        """On stop, the batches in flight get `shutdown_grace_s` (together) to finish; those that do are
+        committed in order up to the first that does not, which is abandoned with all after it."""
+        deadline = time.monotonic() + self._grace_s
+        while in_flight:
+            batch = in_flight[0]
+            if not batch.done.wait(max(0.0, deadline - time.monotonic())) or not self._settle(batch):
+                self._abandon(in_flight)
+                return
+            self._commit(consumer, in_flight.popleft().records)
+
+    def _abandon(self, batches) -> None:
+        """Leave `batches` uncommitted: they are redelivered."""
+        for batch in batches:
+            self.abandoned_batches += 1
+            log.warning("abandoned an in-flight batch of %d records uncommitted", len(batch.records))
+
+    def _settle(self, batch: "_Batch") -> bool:
+        """After a batch's handler finished: dead-letter what failed. Returns False if the batch must be
+        abandoned (uncommitted, redelivered) because a stop cut it short."""
+        if not batch.handled.is_set():
             return False  # stopped while the broker was away: nothing is committed, all is redelivered
+        failures, dead, records = batch.failures, list(batch.dead), batch.records
         if self._stop.is_set() and failures and any(a < self._max_attempts for *_, a in failures):
             return False  # retries were cut short by the stop: do not dead-letter, redeliver instead
-        self._metrics.seconds.labels(self.topic.name).observe(time.monotonic() - started)
+        self._metrics.seconds.labels(self.topic.name).observe(batch.seconds)
         self._metrics.batch.labels(self.topic.name).observe(len(records))
         for item, exc, attempts in failures:
             raw = next(r for r in records if r.partition == item.partition and r.offset == item.offset)
@@ -240,7 +292,7 @@ class ConsumeLoop:
                 self._metrics.dead.labels(self.topic.name, d.error_kind).inc()
                 log.warning("dead-lettered %s[%d]@%d (%s): %s", d.original_topic, d.partition, d.offset,
                             d.error_kind, d.error[:300])
-        self._metrics.handled.labels(self.topic.name).inc(len(valid) - len(failures))
+        self._metrics.handled.labels(self.topic.name).inc(len(batch.valid) - len(failures))
         return True
 
     @staticmethod

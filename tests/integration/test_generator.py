@@ -69,19 +69,20 @@ def test_prompts_in_candidates_out_and_a_model_update_switches_the_version(kafka
 
 
 def test_killing_the_generator_mid_batch_loses_no_prompt(kafka, producer, registry_copy, tmp_path):
+    # 12 batches, 4 in flight at a time (the default): the kill finds some published, some running, some queued
     prompts = [prompt(f"Long question number {i} about my sleep", sampling=SamplingParams(max_new_tokens=200))
-               for i in range(32)]
+               for i in range(96)]
     gen = ServiceProcess("generator", kafka, tmp_path, registry_dir=registry_copy.root, batch_size=8,
                          batch_timeout_ms=100).start()
     producer.publish(PROMPTS.with_prefix(kafka.topic_prefix), prompts)
     wait_for(lambda: candidates_by_prompt(kafka, 1, 2), 90, "a first batch published")
     gen.kill()  # mid-run: some batch is in flight or not yet started
-    seen_before = set(candidates_by_prompt(kafka, 32, 3))
-    assert len(seen_before) < 32
+    seen_before = set(candidates_by_prompt(kafka, 96, 3))
+    assert len(seen_before) < 96
     restarted = ServiceProcess("generator", kafka, tmp_path, registry_dir=registry_copy.root, batch_size=8,
                                batch_timeout_ms=100).start()
     try:
-        wait_for(lambda: set(candidates_by_prompt(kafka, 100, 3)) >= {p.id for p in prompts}, 180,
+        wait_for(lambda: set(candidates_by_prompt(kafka, 300, 3)) >= {p.id for p in prompts}, 180,
                  "candidates for every prompt after the restart")
     finally:
         restarted.kill()
