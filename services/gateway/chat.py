@@ -75,7 +75,7 @@ class ChatService:
             text, stopped = cut_at_stop(cand.text, body.stops)
             choices.append(cand.model_copy(update={"text": text, "finish_reason": "stop" if stopped else cand.finish_reason}))
         self.tokens.inc(sum(c.completion_tokens for c in result.candidates))
-        self.store.put(response_id, key, request.messages, choices, version, request.sampling)
+        self.store.put(response_id, key, request.messages, choices, version)
         return choices
 
     async def complete(self, body: ChatCompletionRequest, key: str) -> ChatCompletion:

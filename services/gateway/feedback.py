@@ -43,12 +43,8 @@ def feedback_events(served, feedback: FeedbackEvent, topics: dict[str, Topic]) -
             raise FeedbackRejected("the rated answer is empty")
         extra = Candidate(text=rated.text, completion_tokens=rated.completion_tokens, finish_reason=rated.finish_reason,
                           origin="served", user_rating=feedback.rating)
-        # The fresh samples are drawn as the rated answer was (its seed aside, or they would repeat it): with
-        # the default 256 tokens against a rated answer cut at 96, the pair would be about length, and the
-        # long rows held every batch they joined (round 2 of the demo sampled 86-98 s against round 1's 63).
-        sampling = served.sampling.model_copy(update={"seed": None})
         out.append((topics["prompts"], PromptEvent(producer="gateway", messages=served.messages, source="feedback",
-                                                   sampling=sampling, extra_candidates=[extra])))
+                                                   extra_candidates=[extra])))
     return out
 
 

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.wire import Candidate, ChatMessage, SamplingParams
+from shared.wire import Candidate, ChatMessage
 
 
 @dataclass
@@ -18,8 +18,6 @@ class ServedResponse:
     choices: list[Candidate]
     model_version: str
     expires_at: float
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    """what the answers were sampled with: a rating's fresh samples use it too"""
     feedback_given: bool = False
     created: float = field(default_factory=time.monotonic)
 
@@ -31,11 +29,11 @@ class ResponseStore:
         self._lock = threading.Lock()
 
     def put(self, response_id: str, key_id: str, messages: list[ChatMessage], choices: list[Candidate],
-            version: str, sampling: SamplingParams) -> None:
+            version: str) -> None:
         with self._lock:
             self._purge()
             self._items[response_id] = ServedResponse(response_id, key_id, messages, choices, version,
-                                                      time.monotonic() + self.ttl_s, sampling)
+                                                      time.monotonic() + self.ttl_s)
 
     def get(self, response_id: str) -> ServedResponse | None:
         with self._lock:
