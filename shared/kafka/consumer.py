@@ -25,7 +25,6 @@ import logging
 import signal
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -33,11 +32,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, stop_when_event_set, wait_exponential
 
 from shared.kafka.codec import DecodeError, decode
 from shared.kafka.dead_letters import Received, make_dead_letter, publish_dead_letters
+from shared.kafka.loop_parts import InFlightBatch, LoopMetrics
 from shared.kafka.producer import BrokerUnavailable, EventProducer, PublishRejected, Unavailable
 from shared.settings import KafkaSettings
 from shared.topics import Topic
@@ -47,43 +47,6 @@ log = logging.getLogger(__name__)
 
 
 BatchHandler = Callable[[list[Received]], None]
-
-
-class _LoopMetrics:
-    """Consume-loop metrics, labelled by topic; one set per registry, shared by its loops."""
-
-    _per_registry: "weakref.WeakKeyDictionary[CollectorRegistry, _LoopMetrics]" = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None) -> "_LoopMetrics":
-        reg = registry or CollectorRegistry()
-        if reg not in cls._per_registry:
-            cls._per_registry[reg] = cls(reg)
-        return cls._per_registry[reg]
-
-    def __init__(self, reg: CollectorRegistry) -> None:
-        self.received = Counter("prefloop_records_received", "records polled", ["topic"], registry=reg)
-        self.handled = Counter("prefloop_records_handled", "records handled and committed", ["topic"], registry=reg)
-        self.dead = Counter("prefloop_dead_letters", "records sent to the DLQ", ["topic", "kind"], registry=reg)
-        self.batch = Histogram("prefloop_batch_size", "records per batch", ["topic"], registry=reg,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.seconds = Histogram("prefloop_handler_seconds", "handler time per batch", ["topic"], registry=reg)
-        self.broker_waits = Counter("prefloop_broker_unavailable", "publish attempts the broker did not take",
-                                    ["topic"], registry=reg)
-
-
-class _Batch:
-    """Records being handled on a thread of their own, and what came of it."""
-
-    def __init__(self, records: list) -> None:
-        self.records = records
-        self.valid: list[Received] = []
-        self.dead: list[DeadLetter] = []
-        self.failures: list[tuple[Received, BaseException, int]] = []
-        self.handled = threading.Event()  # the handler got past every outage (else a stop cut it short)
-        self.done = threading.Event()
-        self.started = time.monotonic()
-        self.seconds = 0.0
 
 
 class _DropRevoked(ConsumerRebalanceListener):
@@ -137,7 +100,7 @@ class ConsumeLoop:
         self._stop = threading.Event()
         self._pending: list = []
         self._carried: list = []  # records a keep-alive poll returned while a batch was being handled
-        self._metrics = _LoopMetrics.for_registry(registry)
+        self._metrics = LoopMetrics.for_registry(registry)
         self.assigned = threading.Event()
         """Set once the group has assigned this member at least one partition."""
         self.abandoned_batches = 0
@@ -172,15 +135,12 @@ class ConsumeLoop:
         )
         consumer.subscribe([self.topic.name], listener=_DropRevoked(self))
         log.info("consuming %s as group %s", self.topic.name, self._group_id)
-        in_flight: deque[_Batch] = deque()  # oldest first: committed in this order, never past an unfinished one
+        in_flight: deque[InFlightBatch] = deque()  # oldest first: committed in this order, never past an unfinished one
         try:
             while not self._stop.is_set():
                 if in_flight and in_flight[0].done.is_set():
-                    batch = in_flight.popleft()
-                    if not self._settle(batch):
-                        self._abandon([batch, *in_flight])
+                    if not self._settle_oldest(consumer, in_flight):
                         return
-                    self._commit(consumer, batch.records)
                 elif len(in_flight) >= self._max_in_flight:
                     self._wait_paused(consumer, in_flight[0])
                 else:
@@ -192,7 +152,7 @@ class ConsumeLoop:
             consumer.close(autocommit=False)
             log.info("consumer for %s closed", self.topic.name)
 
-    def _gather(self, consumer: KafkaConsumer, oldest: "_Batch | None" = None) -> list:
+    def _gather(self, consumer: KafkaConsumer, oldest: "InFlightBatch | None" = None) -> list:
         """Poll until `batch_size` records or `batch_timeout` after the first record. Returns early, with
         nothing, when no record came and the `oldest` batch in flight finished (it is committed first)."""
         self._pending, self._carried = self._carried, []
@@ -216,9 +176,9 @@ class ConsumeLoop:
             return []  # abandon what was gathered: nothing handled, nothing committed
         return self._pending
 
-    def _start(self, records: list) -> "_Batch":
+    def _start(self, records: list) -> "InFlightBatch":
         """Decode the records and start handling the valid ones on a thread of their own."""
-        batch = _Batch(records)
+        batch = InFlightBatch(records)
         for rec in records:
             key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
             try:
@@ -238,7 +198,7 @@ class ConsumeLoop:
         threading.Thread(target=work, name=f"handler-{self.topic.name}", daemon=True).start()
         return batch
 
-    def _wait_paused(self, consumer: KafkaConsumer | None, batch: "_Batch") -> None:
+    def _wait_paused(self, consumer: KafkaConsumer | None, batch: "InFlightBatch") -> None:
         """Wait for `batch` (or a stop), polling with the partitions paused.
 
         While the handler works (a generator batch on a busy CPU, an endpoint outage waited out),
@@ -253,24 +213,35 @@ class ConsumeLoop:
         finally:
             self._resume(consumer, paused)
 
-    def _finish_on_stop(self, consumer: KafkaConsumer, in_flight: "deque[_Batch]") -> None:
+    def _finish_on_stop(self, consumer: KafkaConsumer, in_flight: "deque[InFlightBatch]") -> None:
         """On stop, the batches in flight get `shutdown_grace_s` (together) to finish; those that do are
         committed in order up to the first that does not, which is abandoned with all after it."""
         deadline = time.monotonic() + self._grace_s
         while in_flight:
-            batch = in_flight[0]
-            if not batch.done.wait(max(0.0, deadline - time.monotonic())) or not self._settle(batch):
+            if not in_flight[0].done.wait(max(0.0, deadline - time.monotonic())):
                 self._abandon(in_flight)
                 return
-            self._commit(consumer, in_flight.popleft().records)
+            if not self._settle_oldest(consumer, in_flight):
+                return
+
+    def _settle_oldest(self, consumer: KafkaConsumer, in_flight: "deque[InFlightBatch]") -> bool:
+        """Settle and commit the oldest batch (finished). If a stop cut it short it is abandoned with every
+        batch after it, and False is returned: nothing past it may be committed."""
+        batch = in_flight.popleft()
+        if not self._settle(batch):
+            self._abandon([batch, *in_flight])
+            in_flight.clear()
+            return False
+        self._commit(consumer, batch.records)
+        return True
 
     def _abandon(self, batches) -> None:
         """Leave `batches` uncommitted: they are redelivered."""
-        for batch in batches:
+        for batch in list(batches):
             self.abandoned_batches += 1
             log.warning("abandoned an in-flight batch of %d records uncommitted", len(batch.records))
 
-    def _settle(self, batch: "_Batch") -> bool:
+    def _settle(self, batch: "InFlightBatch") -> bool:
         """After a batch's handler finished: dead-letter what failed. Returns False if the batch must be
         abandoned (uncommitted, redelivered) because a stop cut it short."""
         if not batch.handled.is_set():
