@@ -67,7 +67,8 @@ class Row:
 
 
 REPEATS = 3
-"""the bound and the engine's decode rate are each measured this many times, in turn, and taken at their best"""
+"""the bound and the engine's decode rate are each measured this many times, in turn, and taken at their
+best: a machine whose speed drifts (other tenants) then weighs on both alike"""
 
 
 def count_tokens(tokenizer, texts: list[str]) -> int:
@@ -193,8 +194,6 @@ def main() -> None:
         service_path(engine, prompts, settings.batch_size, service)
         on_torch_thread(seed_pipeline, pipe, engine, prompts, same.prompts_per_call, same)
         on_torch_thread(seed_pipeline, pipe, engine, prompts, seed.prompts_per_call, seed)
-        # The bound and the engine's decode rate, measured in turn REPEATS times and each taken at its
-        # best: a machine whose speed drifts (other tenants) then weighs on both alike.
         measured, decodes = [], []
         for _ in range(REPEATS):
             measured.append(on_torch_thread(matmul_flops, engine.model.config, engine.dtype, args.decode_rows, 1.0))

@@ -237,7 +237,7 @@ class ConsumeLoop:
 
     def _abandon(self, batches) -> None:
         """Leave `batches` uncommitted: they are redelivered."""
-        for batch in list(batches):
+        for batch in batches:
             self.abandoned_batches += 1
             log.warning("abandoned an in-flight batch of %d records uncommitted", len(batch.records))
 
