@@ -37,6 +37,9 @@ class EngineSettings(BaseSettings):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="inference dtype; auto: bf16 where the hardware computes it natively, else fp32")
+    native_attention: bool = Field(
+        True, description="CPU decode attention with shared/engine/attention.c, compiled on first use (needs a C "
+                          "compiler; without one, or when false, torch's ops)")
 
 
 class LogSettings(BaseSettings):

@@ -64,12 +64,13 @@ class CachedVersion:
     pairs: their preference accuracy is computed with the parent's weights every time. The cache keys
     need only the version, its weights' id and the dtype it would run in."""
 
-    def __init__(self, registry: ModelRegistry, version: str, *, dtype: str, max_batch_size: int) -> None:
+    def __init__(self, registry: ModelRegistry, version: str, *, dtype: str, max_batch_size: int,
+                 native_attention: bool = True) -> None:
         self.version = version
         self.weights_id = registry.weights_id(version)
         self.dtype = inference_dtype(dtype)
-        self._load = lambda: GenerationEngine.from_registry(registry, version, dtype=dtype,
-                                                            max_batch_size=max_batch_size)
+        self._load = lambda: GenerationEngine.from_registry(registry, version, dtype=dtype, max_batch_size=max_batch_size,
+                                                            native_attention=native_attention)
         self.engine: GenerationEngine | None = None
 
     def __getattr__(self, name: str):
@@ -115,7 +116,8 @@ class Gate:
         rows = min(len(prompts) * s.eval_samples, GATE_MAX_ROWS)
 
         def load(version: str) -> CachedVersion:
-            return CachedVersion(self.registry, version, dtype=s.engine.dtype, max_batch_size=rows)
+            return CachedVersion(self.registry, version, dtype=s.engine.dtype, max_batch_size=rows,
+                                 native_attention=s.engine.native_attention)
 
         with load(new_version) as new, load(parent) as old:
             vs_parent = compare(new, old, prompts, judge, sampling, self.answers, s.eval_samples)

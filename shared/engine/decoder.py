@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.engine.native_attention import decode_attention
+
 ROW_BLOCK = 8
 """the cache is allocated for a multiple of this many rows"""
 LENGTH_BLOCK = 64
@@ -127,7 +129,8 @@ def supports(model) -> bool:
 class SlotDecoder:
     """Prefill prompts into slots, decode one token for every active slot, free slots."""
 
-    def __init__(self, model, max_rows: int = ROW_BLOCK, pinned_prefix: list[int] | None = None) -> None:
+    def __init__(self, model, max_rows: int = ROW_BLOCK, pinned_prefix: list[int] | None = None,
+                 native_attention: bool = True) -> None:
         self.model = model
         self.pinned_prefix = pinned_prefix
         """None: a prompt reuses what it shares with the previous prompt. A list: only these leading
@@ -153,6 +156,10 @@ class SlotDecoder:
         the keys as they lie (bitwise the same scores). SmolLM2 in bf16, 32 rows, 2 cores: 62.5 and 67.7
         ms per decode step against 70.2 and 72.7 without (two runs each). In fp32 the strided bmm
         copies nothing and the copy would only add."""
+        self.native_attention = decode_attention(self.dtype, self.device, self.kv_heads, self.group, self.head_dim,
+                                                 self.scaling) if native_attention else None
+        """decode attention read in place from the cache, each row over its own positions
+        (native_attention.py); None: torch's ops below"""
         self.max_rows = max(ROW_BLOCK, max_rows)
         """slots the cache is allocated for (its pages are touched only as rows use them)"""
         self.k = self.v = torch.empty(0)
@@ -318,22 +325,35 @@ class SlotDecoder:
         self._reserve(n, length)
         x = self.embed(tokens.to(self.device))  # [n, hidden]
         cos, sin = (t[:, 0, None] for t in self.rotary(x, positions[:, None]))  # [n, 1, d]
-        beyond = torch.arange(length, device=self.device)[None] > positions[:, None]  # [n, length]
-        mask = torch.zeros(n, length, dtype=torch.float32, device=self.device).masked_fill_(beyond, float("-inf"))
-        mask = mask.repeat_interleave(h, 0)[:, None]  # [n * kv_heads, 1, length], added to the scores
         rows = torch.arange(n, device=self.device)
         kv_rows = (rows[:, None] * h + torch.arange(h, device=self.device)[None]).reshape(-1)
         kv_pos = positions.repeat_interleave(h)
+        lengths, mask = positions + 1, None
         for i in range(len(self.layers)):
             q, k, v = self._attention_inputs(i, x, cos, sin)
             self.k[i, kv_rows, kv_pos] = k.reshape(n * h, d)
             self.v[i, kv_rows, kv_pos] = v.reshape(n * h, d)
-            keys, values = self.k[i, :n * h, :length], self.v[i, :n * h, :length]  # strided views: no copy
-            if self.contiguous_keys:
-                keys = keys.contiguous()
-            scores = torch.bmm(q.reshape(n * h, self.group, d), keys.transpose(1, 2))  # [n * kv_heads, group, length]
-            weights = scores.float().mul_(self.scaling).add_(mask).softmax(-1).to(self.dtype)
-            o = torch.bmm(weights, values).reshape(n, self.heads * d)
+            o = self.native_attention(q, self.k[i], self.v[i], lengths) if self.native_attention else None
+            if o is None:
+                if mask is None:
+                    mask = self._decode_mask(positions, length)
+                o = self._torch_attention(i, q, length, mask)
             x = self._finish_layer(i, x, o)
         self.positions = positions + 1
         return self.head(self.norm(x)).float()
+
+    def _decode_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """[rows * kv_heads, 1, length]: 0 where a row has a position, -inf past it (added to the scores)."""
+        beyond = torch.arange(length, device=self.device)[None] > positions[:, None]  # [n, length]
+        mask = torch.zeros(len(positions), length, dtype=torch.float32, device=self.device)
+        return mask.masked_fill_(beyond, float("-inf")).repeat_interleave(self.kv_heads, 0)[:, None]
+
+    def _torch_attention(self, i: int, q: torch.Tensor, length: int, mask: torch.Tensor) -> torch.Tensor:
+        """Layer i's decode attention with torch's ops, every row over `length` positions, masked."""
+        n, h, d = len(q), self.kv_heads, self.head_dim
+        keys, values = self.k[i, :n * h, :length], self.v[i, :n * h, :length]  # strided views: no copy
+        if self.contiguous_keys:
+            keys = keys.contiguous()
+        scores = torch.bmm(q.reshape(n * h, self.group, d), keys.transpose(1, 2))  # [n * kv_heads, group, length]
+        weights = scores.float().mul_(self.scaling).add_(mask).softmax(-1).to(self.dtype)
+        return torch.bmm(weights, values).reshape(n, self.heads * d)

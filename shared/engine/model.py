@@ -81,7 +81,8 @@ def inference_dtype(choice: str = "auto", device: torch.device | None = None) ->
 class GenerationEngine:
     def __init__(self, model, tokenizer, version: str, *, max_batch_size: int = 32,
                  overflow: Literal["truncate_left", "reject"] = "truncate_left", on_step=None,
-                 shared_prefix: list[ChatMessage] | None = None, weights_id: str | None = None) -> None:
+                 shared_prefix: list[ChatMessage] | None = None, weights_id: str | None = None,
+                 native_attention: bool = True) -> None:
         """`shared_prefix`: None, a prompt reuses the cache of what it shares with the previous prompt
         (one tenant: the generator's prompts come from its own ingest). Messages, only their rendering
         is ever reused (the gateway: its public default system prompt), so no request's time to first
@@ -100,16 +101,20 @@ class GenerationEngine:
         self.dtype = next(model.parameters()).dtype
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self._stop_ids = stop_token_ids(tokenizer, model)
+        self.native_attention = native_attention
+        """asked for: decode attention with attention.c where it can be built (`attention` says what runs)"""
         if slot_decoder.supports(model):
             self.batching = "continuous"
             # built on the torch thread: packing weights elsewhere started a second OpenMP team, and
             # decode steps ran 46% longer (74 vs 51 ms at 32 rows, SmolLM2; shared/torch_thread.py)
             pinned = None if shared_prefix is None else self._pinned_ids(shared_prefix)
-            decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size, pinned)
+            decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size, pinned, native_attention)
+            self.attention = "attention.c" if decoder.native_attention else "torch ops"
             self._batcher = ContinuousBatcher(decoder, tokenizer, self._stop_ids,
                                               max_rows=max_batch_size, on_step=on_step)
         else:
             self.batching = "static"
+            self.attention = "the model's own"
             self._batcher = StaticBatcher(model, tokenizer, self._stop_ids, max_rows=max_batch_size, on_step=on_step)
 
     @classmethod

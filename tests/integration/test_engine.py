@@ -27,13 +27,15 @@ def fp32(tiny_registry):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("contiguous_keys", [False, True], ids=["strided-keys", "copied-keys"])
-def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32, monkeypatch, contiguous_keys):
+@pytest.mark.parametrize("attention", ["native", "strided-keys", "copied-keys"])
+def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32, monkeypatch, attention):
     """Small blocks make the cache reallocate while rows are active (rows 2 -> 4, positions 64 ->
     128). torch.empty's memory may hold anything, and a NaN that reached a masked position would
     spread through the attention (NaN - inf and NaN * 0 are NaN): here torch.empty returns NaNs,
     and after each reservation the cache outside the active rows' finite span is poisoned too.
-    Both attention paths: keys read in place (fp32) and copied out first (bf16 on CPU)."""
+    Every decode attention path: attention.c reading each row's own positions in place (which must
+    never read a poisoned position), and torch's ops with keys read in place (fp32) and copied out
+    first (bf16 on CPU)."""
     assert supports(fp32)
     empty = torch.empty
 
@@ -58,7 +60,10 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
     monkeypatch.setattr(SlotDecoder, "_reserve", poisoning)
     decoder = SlotDecoder(fp32, max_rows=2)
     assert decoder.contiguous_keys is False  # fp32: the strided bmm is as fast
-    decoder.contiguous_keys = contiguous_keys
+    assert decoder.native_attention is not None  # this machine has a C compiler
+    if attention != "native":
+        decoder.native_attention = None
+        decoder.contiguous_keys = attention == "copied-keys"
     prompts = [[5, 17, 33, 101, 7], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46, 47]]
     rows = [list(p) for p in prompts]
 

@@ -1,0 +1,122 @@
+"""Decode attention read in place from the slot KV cache: attention.c, built when first needed.
+
+Torch's decode attention copies every layer's keys and values out of the cache before its bmm
+(oneDNN's bf16 bmm copies a strided operand) and computes every row over the longest row's
+positions. SmolLM2 in bf16, 32 rows at about 190 positions, 2 cores: the 30 layers' attention
+took 43-45 ms a step that way and 10-12 ms with this kernel (benchmarks/generation.py measures
+the engine's decode rate with it).
+
+The kernel is compiled for this CPU (`-march=native`) into a temporary directory when a decoder
+first asks for it (about 0.3 s, once per process) and linked against the OpenMP runtime torch
+has loaded, so its threads are torch's own (a second runtime's team spinning beside torch's
+slowed decode steps by 46% before: decoder.py). Where it cannot be built (no C compiler, a
+compiler error), the decoder keeps torch's ops and says why in its log, once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("attention.c")
+MAX_GROUP, MAX_HEAD_DIM = 16, 256
+"""attention.c's limits (its per-item buffers)"""
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+"""-ffast-math lets the reductions vectorize and expf use glibc's vector math; the object is
+linked without it, so gcc's crtfastmath (which would flush denormals for the whole process) is
+never linked in"""
+
+
+def _openmp_runtime() -> Path | None:
+    """The OpenMP runtime this process has loaded (torch's, after `import torch`), if any."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        if Path(path).name.startswith(("libgomp", "libiomp5")):
+            return Path(path)
+    return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("decode attention: no C compiler (cc or gcc) on PATH; using torch's ops")
+        return None
+    runtime = _openmp_runtime()
+    with tempfile.TemporaryDirectory(prefix="prefloop-attention-") as build:
+        obj, lib = Path(build, "attention.o"), Path(build, "attention.so")
+        openmp = ["-fopenmp"] if runtime else []
+        link = [str(runtime), f"-Wl,-rpath,{runtime.parent}"] if runtime else []
+        for command in ([compiler, *COMPILE_FLAGS, *openmp, "-c", str(SOURCE), "-o", str(obj)],
+                        [compiler, "-shared", str(obj), "-o", str(lib), *link, "-lm"]):
+            try:
+                subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                detail = getattr(exc, "stderr", "") or exc
+                log.warning("decode attention: building %s failed (%s); using torch's ops", SOURCE.name,
+                            str(detail).strip()[:500])
+                return None
+        try:
+            library = ctypes.CDLL(str(lib))  # stays mapped after the directory is removed
+        except OSError as exc:  # e.g. a temporary directory mounted noexec
+            log.warning("decode attention: loading the built %s failed (%s); using torch's ops", lib.name, exc)
+            return None
+    function = library.prefloop_decode_attention
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    log.info("decode attention: built %s for this CPU%s", SOURCE.name,
+             f", threads from {runtime.name}" if runtime else ", one thread (no OpenMP runtime loaded)")
+    return library
+
+
+class DecodeAttention:
+    """softmax(q K^T * scale) V for each active row over its own cached positions, one layer at a time."""
+
+    def __init__(self, library: ctypes.CDLL, kv_heads: int, group: int, head_dim: int, scale: float) -> None:
+        self._run = library.prefloop_decode_attention
+        self.kv_heads, self.group, self.head_dim, self.scale = kv_heads, group, head_dim, scale
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 lengths: torch.Tensor) -> torch.Tensor | None:
+        """q [rows, heads, head_dim] (heads contiguous), keys/values one layer's cache [slots * kv_heads,
+        capacity, head_dim], lengths [rows] int64. Returns [rows, heads * head_dim], or None when the
+        kernel does not take these shapes."""
+        rows, heads, d = q.shape
+        if q.stride(2) != 1 or q.stride(1) != d:
+            q = q.contiguous()
+        if not (keys.is_contiguous() and values.is_contiguous() and lengths.is_contiguous()
+                and lengths.dtype == torch.int64 and keys.dtype == q.dtype == values.dtype):
+            return None
+        out = torch.empty(rows, heads * d, dtype=q.dtype)
+        failed = self._run(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), keys.shape[1],
+                           out.data_ptr(), lengths.data_ptr(), rows, self.kv_heads, self.group, d,
+                           self.scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+        return None if failed else out
+
+
+def decode_attention(dtype: torch.dtype, device: torch.device, kv_heads: int, group: int, head_dim: int,
+                     scale: float) -> DecodeAttention | None:
+    """The kernel for a CPU decoder in fp32 or bf16, or None (elsewhere, or where it cannot be built)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not (1 <= group <= MAX_GROUP and 1 <= head_dim <= MAX_HEAD_DIM):
+        log.info("decode attention: %d queries per kv head of %d dims is beyond %s; using torch's ops",
+                 group, head_dim, SOURCE.name)
+        return None
+    library = _library()
+    return None if library is None else DecodeAttention(library, kv_heads, group, head_dim, scale)
