@@ -1,17 +1,21 @@
 /* One decode step's attention for every active row, reading the slot KV cache in place.
  *
  * Built and loaded by native_attention.py (the engine's CPU decode path). Torch's version of this
- * step copies every layer's keys and values out of the cache (a row's span is strided in it) and
- * runs two bmm over a 3-row (grouped queries) by length problem per head, with a mask for rows
- * shorter than the longest. Here each (row, kv head) item reads its own positions once, straight
- * from the cache: scores in fp32, softmax, values; OpenMP over items, in the OpenMP runtime torch
- * itself uses (the build links that one), so no second thread team competes with torch's.
+ * step is a dozen ops a layer: the rotary embedding, two indexed writes into the cache, a copy of
+ * every row's keys and values out of it (a row's span is strided in it), two bmm over a 3-row
+ * (grouped queries) by length problem per head, and a mask for rows shorter than the longest.
+ * Here each (row, kv head) item rotates its new key and its queries, writes the new key and value
+ * into its own cache slot and reads its own positions once, straight from the cache: scores in
+ * fp32, softmax, values. OpenMP runs the items in the OpenMP runtime torch itself uses (the build
+ * links that one), so no second thread team competes with torch's.
  *
  * Layouts (element strides; both dtypes, bf16 given as its raw 16 bits):
- *   q       [rows, kv_heads * group, head_dim], row r at q + r * q_row (heads contiguous)
- *   k, v    [rows * kv_heads, capacity, head_dim], this layer's cache
- *   out     [rows, kv_heads * group * head_dim]
- *   lengths [rows]: positions row r attends (its last written position + 1), 1..capacity
+ *   qkv       [rows, (kv_heads * group + 2 * kv_heads) * head_dim]: the q, k and v projections'
+ *             outputs side by side, before the rotary embedding
+ *   cos, sin  [rows, head_dim]: the Llama rotary embedding's tables at each row's position
+ *   k, v      [rows * kv_heads, capacity, head_dim], this layer's cache
+ *   positions [rows]: where row r's new key and value go; it attends positions 0..positions[r]
+ *   out       [rows, kv_heads * group * head_dim]
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +24,13 @@
 
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
+#ifdef _OPENMP
+#include <omp.h>
+static int omp_thread(void) { return omp_get_thread_num(); }
+#else
+static int omp_thread(void) { return 0; }
+#endif
+
 #define PREFETCH_ROWS 16 /* positions ahead: with it a step read the cache about 25% faster */
 
 static inline __attribute__((always_inline)) float load(const void *p, size_t i, const int bf16) {
@@ -45,15 +56,35 @@ static inline __attribute__((always_inline)) void store(void *p, size_t i, float
     ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
 }
 
-/* One (row, kv head): `group` queries over `length` positions. D and bf16 are constants where it
- * is inlined, so each loop over D is a fixed-width vector loop. */
-static inline __attribute__((always_inline)) void item(const void *q, const void *k, const void *v,
-                                                       void *out, int group, int length, float scale,
+/* x rotated as `apply_rotary_pos_emb` does (x * cos + rotate_half(x) * sin), in fp32. */
+static inline __attribute__((always_inline)) void rotate(const void *x, const void *cos, const void *sin,
+                                                         float *out, const int D, const int bf16) {
+    const int half = D / 2;
+    for (int d = 0; d < half; d++)
+        out[d] = load(x, d, bf16) * load(cos, d, bf16) - load(x, d + half, bf16) * load(sin, d, bf16);
+    for (int d = half; d < D; d++)
+        out[d] = load(x, d, bf16) * load(cos, d, bf16) + load(x, d - half, bf16) * load(sin, d, bf16);
+}
+
+/* One (row, kv head): its new key and value into the cache at `position`, then `group` queries over
+ * positions 0..position. D and bf16 are constants where it is inlined, so each loop over D is a
+ * fixed-width vector loop. */
+static inline __attribute__((always_inline)) void item(const void *q, const void *k_new, const void *v_new,
+                                                       const void *cos, const void *sin, void *k, void *v,
+                                                       int64_t position, void *out, int group, float scale,
                                                        float *scores, const int D, const int bf16) {
     const size_t width = bf16 ? 2 : 4;
+    const int length = (int)position + 1;
     float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], row[MAX_HEAD_DIM], inv[MAX_GROUP];
-    for (int g = 0; g < group; g++)
-        for (int d = 0; d < D; d++) qf[g][d] = load(q, (size_t)g * D + d, bf16) * scale;
+    rotate(k_new, cos, sin, row, D, bf16);
+    for (int d = 0; d < D; d++) {
+        store((char *)k + (size_t)position * D * width, d, row[d], bf16);
+        store((char *)v + (size_t)position * D * width, d, load(v_new, d, bf16), bf16);
+    }
+    for (int g = 0; g < group; g++) {
+        rotate((const char *)q + (size_t)g * D * width, cos, sin, qf[g], D, bf16);
+        for (int d = 0; d < D; d++) qf[g][d] *= scale;
+    }
     for (int l = 0; l < length; l++) {
         const char *at = (const char *)k + (size_t)l * D * width;
         __builtin_prefetch(at + PREFETCH_ROWS * D * width);
@@ -87,52 +118,49 @@ static inline __attribute__((always_inline)) void item(const void *q, const void
         for (int d = 0; d < D; d++) store(out, (size_t)g * D + d, acc[g][d] * inv[g], bf16);
 }
 
-static void dispatch(const void *q, const void *k, const void *v, void *out, int group, int length,
-                     float scale, float *scores, int head_dim, int bf16) {
-#define CASE(D, B)                                                                                \
-    if (head_dim == D && bf16 == B) {                                                             \
-        item(q, k, v, out, group, length, scale, scores, D, B);                                   \
-        return;                                                                                   \
-    }
-    CASE(64, 1) CASE(64, 0) CASE(128, 1) CASE(128, 0)
-#undef CASE
-    if (bf16)
-        item(q, k, v, out, group, length, scale, scores, head_dim, 1);
-    else
-        item(q, k, v, out, group, length, scale, scores, head_dim, 0);
+static void dispatch(const void *q, const void *k_new, const void *v_new, const void *cos, const void *sin,
+                     void *k, void *v, int64_t position, void *out, int group, float scale, float *scores,
+                     int head_dim, int bf16) {
+#define ITEM(D, B) item(q, k_new, v_new, cos, sin, k, v, position, out, group, scale, scores, D, B)
+    if (head_dim == 64 && bf16) ITEM(64, 1);
+    else if (head_dim == 64) ITEM(64, 0);
+    else if (head_dim == 128 && bf16) ITEM(128, 1);
+    else if (head_dim == 128) ITEM(128, 0);
+    else if (bf16) ITEM(head_dim, 1);
+    else ITEM(head_dim, 0);
+#undef ITEM
 }
 
-/* Returns 0, or -1 for a shape it does not take (the caller then runs torch's ops). */
-int prefloop_decode_attention(const void *q, int64_t q_row, const void *k, const void *v,
-                              int64_t capacity, void *out, const int64_t *lengths, int rows,
-                              int kv_heads, int group, int head_dim, float scale, int bf16,
-                              int threads) {
-    if (group < 1 || group > MAX_GROUP || head_dim < 1 || head_dim > MAX_HEAD_DIM) return -1;
+/* Returns 0, or -1 for what it does not take (before anything is written; the caller then runs
+ * torch's ops). */
+int prefloop_decode_attention(const void *qkv, const void *cos, const void *sin, void *k, void *v,
+                              int64_t capacity, const int64_t *positions, void *out, int rows,
+                              int kv_heads, int group, int head_dim, float scale, int bf16, int threads) {
+    if (group < 1 || group > MAX_GROUP || head_dim < 2 || head_dim > MAX_HEAD_DIM || head_dim % 2) return -1;
     int64_t longest = 0;
     for (int r = 0; r < rows; r++) {
-        if (lengths[r] < 1 || lengths[r] > capacity) return -1;
-        longest = lengths[r] > longest ? lengths[r] : longest;
+        if (positions[r] < 0 || positions[r] >= capacity) return -1;
+        longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
     }
-    const size_t width = bf16 ? 2 : 4, items = (size_t)rows * kv_heads;
-    int failed = 0;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-    {
-        float *scores = malloc(sizeof(float) * group * longest);
-        if (!scores) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
+    const size_t width = bf16 ? 2 : 4, items = (size_t)rows * kv_heads, heads = (size_t)kv_heads * group;
+    const size_t qkv_row = (heads + 2 * (size_t)kv_heads) * head_dim;
+    float *buffers[256] = {0};
+    int team = threads > 0 ? (threads < 256 ? threads : 256) : 1, failed = 0;
+    for (int t = 0; t < team; t++) /* every buffer first: nothing is written unless all exist */
+        if (!(buffers[t] = malloc(sizeof(float) * group * longest))) failed = 1;
+    if (!failed) {
+#pragma omp parallel for schedule(static) num_threads(team)
         for (size_t it = 0; it < items; it++) {
-            if (!scores) continue;
-            size_t r = it / kv_heads, h = it % kv_heads, head = h * group * head_dim;
-            dispatch((const char *)q + (r * q_row + head) * width,
-                     (const char *)k + it * capacity * head_dim * width,
-                     (const char *)v + it * capacity * head_dim * width,
-                     (char *)out + (r * kv_heads * group * head_dim + head) * width,
-                     group, (int)lengths[r], scale, scores, head_dim, bf16);
+            size_t r = it / kv_heads, h = it % kv_heads;
+            const char *row = (const char *)qkv + r * qkv_row * width;
+            dispatch(row + h * group * head_dim * width, row + (heads + h) * head_dim * width,
+                     row + (heads + kv_heads + h) * head_dim * width,
+                     (const char *)cos + r * head_dim * width, (const char *)sin + r * head_dim * width,
+                     (char *)k + it * capacity * head_dim * width, (char *)v + it * capacity * head_dim * width,
+                     positions[r], (char *)out + (r * heads + h * group) * head_dim * width, group, scale,
+                     buffers[omp_thread()], head_dim, bf16);
         }
-        free(scores);
     }
+    for (int t = 0; t < team; t++) free(buffers[t]);
     return failed ? -1 : 0;
 }

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.engine.native_attention import decode_attention
+from shared.engine.torch_attention import TorchDecodeAttention, rotated
 
 ROW_BLOCK = 8
 """the cache is allocated for a multiple of this many rows"""
@@ -101,12 +102,6 @@ class LayerProjections:
         return self.down(F.silu(gate) * up)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The Llama rotary embedding (`apply_rotary_pos_emb`'s arithmetic) on [..., heads, head_dim]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
-
 def supports(model) -> bool:
     """True for decoder-only models with the Llama module layout (and nothing this decoder would skip)."""
     inner = getattr(model, "model", None)
@@ -150,16 +145,12 @@ class SlotDecoder:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
-        self.contiguous_keys = self.device.type == "cpu" and self.dtype != torch.float32
-        """copy a layer's keys out of the cache before the scores' matmul: on CPU a reduced-precision bmm
-        turns a strided, transposed operand into a transposed copy itself, which is slower than copying
-        the keys as they lie (bitwise the same scores). SmolLM2 in bf16, 32 rows, 2 cores: 62.5 and 67.7
-        ms per decode step against 70.2 and 72.7 without (two runs each). In fp32 the strided bmm
-        copies nothing and the copy would only add."""
         self.native_attention = decode_attention(self.dtype, self.device, self.kv_heads, self.group, self.head_dim,
                                                  self.scaling) if native_attention else None
         """decode attention read in place from the cache, each row over its own positions
-        (native_attention.py); None: torch's ops below"""
+        (native_attention.py); None, or where it returns None: torch_attention"""
+        self.torch_attention = TorchDecodeAttention(self.heads, self.kv_heads, self.head_dim, self.scaling,
+                                                    self.device, self.dtype)
         self.max_rows = max(ROW_BLOCK, max_rows)
         """slots the cache is allocated for (its pages are touched only as rows use them)"""
         self.k = self.v = torch.empty(0)
@@ -250,14 +241,10 @@ class SlotDecoder:
         return last if slot != last else None
 
     # -- forward passes -----------------------------------------------------------
-    def _attention_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Layer i's q [..., heads, d], k and v [..., kv_heads, d], rotary applied (q and k in one pass)."""
+    def _qkv(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's q, k and v projections side by side, [..., (heads + 2 kv_heads) * d], not yet rotated."""
         part = self.projections[i]
-        qkv = part.qkv(part.layer.input_layernorm(x))
-        split = (self.heads + self.kv_heads) * self.head_dim
-        qk = rotate(qkv[..., :split].unflatten(-1, (self.heads + self.kv_heads, self.head_dim)), cos, sin)
-        v = qkv[..., split:].unflatten(-1, (self.kv_heads, self.head_dim))
-        return qk[..., :self.heads, :], qk[..., self.heads:, :], v
+        return part.qkv(part.layer.input_layernorm(x))
 
     def _finish_layer(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         part = self.projections[i]
@@ -300,7 +287,7 @@ class SlotDecoder:
         if shared:
             keys[:, :, :shared], values[:, :, :shared] = self._prefix[1][:, :, :shared], self._prefix[2][:, :, :shared]
         for i in range(len(self.layers)):
-            q, k, v = (t.transpose(0, 1) for t in self._attention_inputs(i, x, cos, sin))  # [heads, n - shared, d]
+            q, k, v = (t.transpose(0, 1) for t in rotated(self._qkv(i, x), cos, sin, self.heads, h, self.head_dim))  # [heads, n - shared, d]
             keys[i, :, shared:], values[i, :, shared:] = k, v
             for slot in range(first, first + copies):
                 self.k[i, slot * h:(slot + 1) * h, :n] = keys[i]
@@ -319,41 +306,15 @@ class SlotDecoder:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token for every active slot (tokens[i] goes to slot i). Returns logits [active, vocab]."""
-        n, h, d = self.active, self.kv_heads, self.head_dim
         positions = self.positions
-        length = int(positions.max()) + 1  # attention over the longest row's positions, not a block
-        self._reserve(n, length)
+        self._reserve(self.active, int(positions.max()) + 1)
         x = self.embed(tokens.to(self.device))  # [n, hidden]
         cos, sin = (t[:, 0, None] for t in self.rotary(x, positions[:, None]))  # [n, 1, d]
-        rows = torch.arange(n, device=self.device)
-        kv_rows = (rows[:, None] * h + torch.arange(h, device=self.device)[None]).reshape(-1)
-        kv_pos = positions.repeat_interleave(h)
-        lengths, mask = positions + 1, None
         for i in range(len(self.layers)):
-            q, k, v = self._attention_inputs(i, x, cos, sin)
-            self.k[i, kv_rows, kv_pos] = k.reshape(n * h, d)
-            self.v[i, kv_rows, kv_pos] = v.reshape(n * h, d)
-            o = self.native_attention(q, self.k[i], self.v[i], lengths) if self.native_attention else None
+            qkv = self._qkv(i, x)
+            o = self.native_attention(qkv, cos, sin, self.k[i], self.v[i], positions) if self.native_attention else None
             if o is None:
-                if mask is None:
-                    mask = self._decode_mask(positions, length)
-                o = self._torch_attention(i, q, length, mask)
+                o = self.torch_attention(qkv, cos, sin, self.k[i], self.v[i], positions)
             x = self._finish_layer(i, x, o)
         self.positions = positions + 1
         return self.head(self.norm(x)).float()
-
-    def _decode_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """[rows * kv_heads, 1, length]: 0 where a row has a position, -inf past it (added to the scores)."""
-        beyond = torch.arange(length, device=self.device)[None] > positions[:, None]  # [n, length]
-        mask = torch.zeros(len(positions), length, dtype=torch.float32, device=self.device)
-        return mask.masked_fill_(beyond, float("-inf")).repeat_interleave(self.kv_heads, 0)[:, None]
-
-    def _torch_attention(self, i: int, q: torch.Tensor, length: int, mask: torch.Tensor) -> torch.Tensor:
-        """Layer i's decode attention with torch's ops, every row over `length` positions, masked."""
-        n, h, d = len(q), self.kv_heads, self.head_dim
-        keys, values = self.k[i, :n * h, :length], self.v[i, :n * h, :length]  # strided views: no copy
-        if self.contiguous_keys:
-            keys = keys.contiguous()
-        scores = torch.bmm(q.reshape(n * h, self.group, d), keys.transpose(1, 2))  # [n * kv_heads, group, length]
-        weights = scores.float().mul_(self.scaling).add_(mask).softmax(-1).to(self.dtype)
-        return torch.bmm(weights, values).reshape(n, self.heads * d)

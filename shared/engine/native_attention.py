@@ -1,8 +1,8 @@
 """Decode attention read in place from the slot KV cache: attention.c, built when first needed.
 
-Torch's decode attention copies every layer's keys and values out of the cache before its bmm
-(oneDNN's bf16 bmm copies a strided operand) and computes every row over the longest row's
-positions. SmolLM2 in bf16, 32 rows at about 190 positions, 2 cores: the 30 layers' attention
+Torch's decode attention is a dozen ops a layer: the rotary embedding, two indexed cache writes,
+a copy of every layer's keys and values out of the cache before its bmm (oneDNN's bf16 bmm copies
+a strided operand), and every row computed over the longest row's positions, masked. SmolLM2 in bf16, 32 rows at about 190 positions, 2 cores: the 30 layers' attention
 took 43-45 ms a step that way and 10-12 ms with this kernel (benchmarks/generation.py measures
 the engine's decode rate with it).
 
@@ -76,36 +76,37 @@ def _library() -> ctypes.CDLL | None:
             return None
     function = library.prefloop_decode_attention
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                         ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
+        [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     log.info("decode attention: built %s for this CPU%s", SOURCE.name,
              f", threads from {runtime.name}" if runtime else ", one thread (no OpenMP runtime loaded)")
     return library
 
 
 class DecodeAttention:
-    """softmax(q K^T * scale) V for each active row over its own cached positions, one layer at a time."""
+    """One layer's decode attention for every active row: rotary embedding, the new key and value
+    into the cache, softmax(q K^T * scale) V over the row's own positions."""
 
     def __init__(self, library: ctypes.CDLL, kv_heads: int, group: int, head_dim: int, scale: float) -> None:
         self._run = library.prefloop_decode_attention
         self.kv_heads, self.group, self.head_dim, self.scale = kv_heads, group, head_dim, scale
 
-    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 lengths: torch.Tensor) -> torch.Tensor | None:
-        """q [rows, heads, head_dim] (heads contiguous), keys/values one layer's cache [slots * kv_heads,
-        capacity, head_dim], lengths [rows] int64. Returns [rows, heads * head_dim], or None when the
-        kernel does not take these shapes."""
-        rows, heads, d = q.shape
-        if q.stride(2) != 1 or q.stride(1) != d:
-            q = q.contiguous()
-        if not (keys.is_contiguous() and values.is_contiguous() and lengths.is_contiguous()
-                and lengths.dtype == torch.int64 and keys.dtype == q.dtype == values.dtype):
+    def __call__(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """qkv [rows, (heads + 2 kv_heads) * head_dim] (the projections' outputs, not yet rotated), cos and
+        sin [rows, ..., head_dim] at each row's position, keys/values one layer's cache [slots * kv_heads,
+        capacity, head_dim], positions [rows] (int64: where each row's new key and value go). Returns
+        [rows, heads * head_dim], or None, having written nothing, where the kernel does not take these."""
+        rows, heads, d = len(qkv), self.kv_heads * self.group, self.head_dim
+        tensors = (qkv, cos, sin, keys, values)
+        if not (all(t.is_contiguous() and t.dtype == qkv.dtype for t in tensors) and positions.is_contiguous()
+                and positions.dtype == torch.int64 and qkv.shape[-1] == (heads + 2 * self.kv_heads) * d
+                and cos.numel() == sin.numel() == rows * d and len(positions) == rows):
             return None
-        out = torch.empty(rows, heads * d, dtype=q.dtype)
-        failed = self._run(q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), keys.shape[1],
-                           out.data_ptr(), lengths.data_ptr(), rows, self.kv_heads, self.group, d,
-                           self.scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+        out = torch.empty(rows, heads * d, dtype=qkv.dtype)
+        failed = self._run(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                           keys.shape[1], positions.data_ptr(), out.data_ptr(), rows, self.kv_heads, self.group, d,
+                           self.scale, int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
         return None if failed else out
 
 
@@ -114,7 +115,7 @@ def decode_attention(dtype: torch.dtype, device: torch.device, kv_heads: int, gr
     """The kernel for a CPU decoder in fp32 or bf16, or None (elsewhere, or where it cannot be built)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
-    if not (1 <= group <= MAX_GROUP and 1 <= head_dim <= MAX_HEAD_DIM):
+    if not (1 <= group <= MAX_GROUP and 2 <= head_dim <= MAX_HEAD_DIM and head_dim % 2 == 0):
         log.info("decode attention: %d queries per kv head of %d dims is beyond %s; using torch's ops",
                  group, head_dim, SOURCE.name)
         return None

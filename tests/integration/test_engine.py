@@ -59,11 +59,11 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
 
     monkeypatch.setattr(SlotDecoder, "_reserve", poisoning)
     decoder = SlotDecoder(fp32, max_rows=2)
-    assert decoder.contiguous_keys is False  # fp32: the strided bmm is as fast
+    assert decoder.torch_attention.contiguous_keys is False  # fp32: the strided bmm is as fast
     assert decoder.native_attention is not None  # this machine has a C compiler
     if attention != "native":
         decoder.native_attention = None
-        decoder.contiguous_keys = attention == "copied-keys"
+        decoder.torch_attention.contiguous_keys = attention == "copied-keys"
     prompts = [[5, 17, 33, 101, 7], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46, 47]]
     rows = [list(p) for p in prompts]
 

@@ -12,46 +12,67 @@ import pytest
 import torch
 
 from shared.engine import native_attention
+from shared.engine.torch_attention import rotated
 
 
-def reference(q, keys, values, lengths, kv_heads, scale):
-    """float64 attention per (row, kv head) over that row's first `lengths[row]` positions."""
-    rows, heads, d = q.shape
-    group = heads // kv_heads
-    out = torch.empty(rows, heads, d, dtype=torch.float64)
+def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [rows, 1, head_dim] as a Llama rotary embedding makes them (base 10000)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = positions[:, None].double() * inv_freq[None]
+    emb = torch.cat((angles, angles), -1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def reference(qkv, cos, sin, keys, values, positions, kv_heads, group, scale):
+    """float64: rotary, the new key and value into a copy of the cache, then attention per (row, kv head)
+    over positions 0..positions[row]. Returns the output and the cache as it should be after."""
+    rows, d = len(qkv), keys.shape[-1]
+    q, k, v = rotated(qkv.double(), cos.double(), sin.double(), kv_heads * group, kv_heads, d)
+    keys, values = keys.double().clone(), values.double().clone()
+    out = torch.empty(rows, kv_heads * group, d, dtype=torch.float64)
     for r in range(rows):
+        p = int(positions[r])
         for h in range(kv_heads):
-            slot, n = r * kv_heads + h, int(lengths[r])
-            k, v = keys[slot, :n].double(), values[slot, :n].double()
-            qs = q[r, h * group:(h + 1) * group].double()
-            out[r, h * group:(h + 1) * group] = torch.softmax(qs @ k.T * scale, -1) @ v
-    return out.reshape(rows, heads * d)
+            slot = r * kv_heads + h
+            keys[slot, p], values[slot, p] = k[r, h], v[r, h]
+            scores = q[r, h * group:(h + 1) * group] @ keys[slot, :p + 1].T * scale
+            out[r, h * group:(h + 1) * group] = torch.softmax(scores, -1) @ values[slot, :p + 1]
+    return out.reshape(rows, -1), keys, values
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128), (4, 1, 48)],
                          ids=["smollm2-like", "llama3-like", "generic-width"])
 def test_kernel_equals_float64_attention_over_each_rows_own_positions(dtype, kv_heads, group, head_dim):
-    attention = native_attention.decode_attention(dtype, torch.device("cpu"), kv_heads, group, head_dim,
-                                                  head_dim ** -0.5)
+    """Each row's new key (rotated) and value land at its position in its own cache slots, nothing
+    else in the cache changes, and the output is attention over that row's positions alone: past
+    them the cache holds NaN, which any read would spread."""
+    scale = head_dim ** -0.5
+    attention = native_attention.decode_attention(dtype, torch.device("cpu"), kv_heads, group, head_dim, scale)
     assert attention is not None  # this machine has a C compiler
     rows, capacity = 5, 96
     g = torch.Generator().manual_seed(head_dim)
-    lengths = torch.tensor([1, 7, 96, 40, 63], dtype=torch.int64)
+    positions = torch.tensor([0, 6, 95, 39, 62], dtype=torch.int64)
     keys = torch.randn(rows * kv_heads, capacity, head_dim, generator=g).to(dtype)
     values = torch.randn(rows * kv_heads, capacity, head_dim, generator=g).to(dtype)
-    for slot in range(rows * kv_heads):  # past a row's length: never read (NaN would spread)
-        keys[slot, int(lengths[slot // kv_heads]):] = float("nan")
-        values[slot, int(lengths[slot // kv_heads]):] = float("nan")
-    # q as the decoder has it: the rotated q/k block's first heads, so rows are strided
-    qk = torch.randn(rows, kv_heads * group + kv_heads, head_dim, generator=g).to(dtype)
-    q = qk[:, :kv_heads * group]
-    got = attention(q, keys, values, lengths)
+    for slot in range(rows * kv_heads):
+        keys[slot, int(positions[slot // kv_heads]):] = float("nan")
+        values[slot, int(positions[slot // kv_heads]):] = float("nan")
+    qkv = torch.randn(rows, (kv_heads * group + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    cos, sin = (t.to(dtype) for t in rotary_tables(positions, head_dim))
+    want, want_keys, want_values = reference(qkv, cos, sin, keys, values, positions, kv_heads, group, scale)
+    before_keys, before_values = keys.clone(), values.clone()
+    got = attention(qkv, cos, sin, keys, values, positions)
     assert got is not None and got.dtype == dtype and got.shape == (rows, kv_heads * group * head_dim)
-    want = reference(q, keys, values, lengths, kv_heads, head_dim ** -0.5)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (8 bits)
-    assert torch.allclose(got.double(), want, atol=tolerance, rtol=tolerance)
     assert torch.isfinite(got).all()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the new key's and the output's rounding
+    assert torch.allclose(got.double(), want, atol=tolerance, rtol=tolerance)
+    written = torch.zeros(rows * kv_heads, capacity, dtype=torch.bool)
+    written[torch.arange(rows * kv_heads), positions.repeat_interleave(kv_heads)] = True
+    for cache, before, expected in ((keys, before_keys, want_keys), (values, before_values, want_values)):
+        assert torch.allclose(cache[written].double(), expected[written], atol=tolerance, rtol=tolerance)
+        assert torch.equal(cache[~written].isnan(), before[~written].isnan())
+        assert torch.equal(cache[~written].nan_to_num(), before[~written].nan_to_num())
 
 
 def test_kernel_threads_are_torchs_own_openmp_runtime():
@@ -68,10 +89,14 @@ def test_shapes_it_does_not_take_and_other_devices_keep_torchs_ops():
     assert native_attention.decode_attention(torch.bfloat16, torch.device("meta"), 3, 3, 64, 0.125) is None
     assert native_attention.decode_attention(torch.bfloat16, cpu, 1, 32, 64, 0.125) is None  # group > 16
     assert native_attention.decode_attention(torch.bfloat16, cpu, 1, 1, 512, 0.125) is None
+    assert native_attention.decode_attention(torch.float32, cpu, 1, 1, 7, 0.5) is None  # an odd head size
     attention = native_attention.decode_attention(torch.float32, cpu, 1, 1, 8, 0.5)
-    q, cache = torch.randn(2, 1, 8), torch.randn(2, 16, 8)
-    assert attention(q, cache, cache, torch.tensor([3, 17])) is None  # a length past the cache
-    assert attention(q, cache, cache, torch.tensor([3, 4], dtype=torch.int32)) is None
+    qkv, cos, cache = torch.randn(2, 24), torch.randn(2, 1, 8), torch.randn(2, 16, 8)
+    untouched = cache.clone()
+    assert attention(qkv, cos, cos, cache, cache.clone(), torch.tensor([3, 16])) is None  # a position past the cache
+    assert attention(qkv, cos, cos, cache, cache.clone(), torch.tensor([3, 4], dtype=torch.int32)) is None
+    assert attention(qkv.bfloat16(), cos, cos, cache, cache.clone(), torch.tensor([3, 4])) is None  # mixed dtypes
+    assert torch.equal(cache, untouched)  # nothing written when it declines
 
 
 @pytest.fixture
