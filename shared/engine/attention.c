@@ -144,23 +144,21 @@ int prefloop_decode_attention(const void *qkv, const void *cos, const void *sin,
     }
     const size_t width = bf16 ? 2 : 4, items = (size_t)rows * kv_heads, heads = (size_t)kv_heads * group;
     const size_t qkv_row = (heads + 2 * (size_t)kv_heads) * head_dim;
-    float *buffers[256] = {0};
-    int team = threads > 0 ? (threads < 256 ? threads : 256) : 1, failed = 0;
-    for (int t = 0; t < team; t++) /* every buffer first: nothing is written unless all exist */
-        if (!(buffers[t] = malloc(sizeof(float) * group * longest))) failed = 1;
-    if (!failed) {
+    if (!items) return 0;
+    const int team = (size_t)threads > items ? (int)items : threads > 1 ? threads : 1; /* a scores buffer each */
+    float *scores = malloc(sizeof(float) * (size_t)team * group * longest); /* before anything is written */
+    if (!scores) return -1;
 #pragma omp parallel for schedule(static) num_threads(team)
-        for (size_t it = 0; it < items; it++) {
-            size_t r = it / kv_heads, h = it % kv_heads;
-            const char *row = (const char *)qkv + r * qkv_row * width;
-            dispatch(row + h * group * head_dim * width, row + (heads + h) * head_dim * width,
-                     row + (heads + kv_heads + h) * head_dim * width,
-                     (const char *)cos + r * head_dim * width, (const char *)sin + r * head_dim * width,
-                     (char *)k + it * capacity * head_dim * width, (char *)v + it * capacity * head_dim * width,
-                     positions[r], (char *)out + (r * heads + h * group) * head_dim * width, group, scale,
-                     buffers[omp_thread()], head_dim, bf16);
-        }
+    for (size_t it = 0; it < items; it++) {
+        size_t r = it / kv_heads, h = it % kv_heads;
+        const char *row = (const char *)qkv + r * qkv_row * width;
+        dispatch(row + h * group * head_dim * width, row + (heads + h) * head_dim * width,
+                 row + (heads + kv_heads + h) * head_dim * width,
+                 (const char *)cos + r * head_dim * width, (const char *)sin + r * head_dim * width,
+                 (char *)k + it * capacity * head_dim * width, (char *)v + it * capacity * head_dim * width,
+                 positions[r], (char *)out + (r * heads + h * group) * head_dim * width, group, scale,
+                 scores + (size_t)omp_thread() * group * longest, head_dim, bf16);
     }
-    for (int t = 0; t < team; t++) free(buffers[t]);
-    return failed ? -1 : 0;
+    free(scores);
+    return 0;
 }

@@ -9,11 +9,13 @@ between two steps.
 The forward pass calls the model's own modules (embeddings, norms, projections, rotary
 embedding, MLP, head), so it is exact for the Llama layout that SmolLM2, TinyLlama, Llama 3,
 Mistral and Qwen2 share; `supports()` says whether a model has it (others use the fallback
-in `fallback.py`). Attention is computed here: per row, over that row's own positions.
+in `fallback.py`). Attention is computed here: per row, over that row's own positions; a decode
+step's attention, on CPU, by `attention.c` (native_attention.py), which also rotates and writes the
+new keys and values and reads each row's positions in place, else by torch's ops (torch_attention.py).
 
 Active rows are kept in slots 0..n-1 (a freed slot is filled by moving the last row into it),
-so the cache of the active rows is one strided view and attention needs no gather; it runs over
-the longest active row's positions. A prompt that begins like the previous one (requests share
+so the cache of the active rows is one strided view and attention needs no gather (torch's ops
+run it over the longest active row's positions, masked). A prompt that begins like the previous one (requests share
 a system prompt) copies that prefix's keys and values instead of computing them; where prompts
 come from several tenants, only a pinned, public prefix is reused (`pinned_prefix`): otherwise a
 request's time to first token would tell whether the previous request began with the same text.
@@ -157,7 +159,7 @@ class SlotDecoder:
         self.capacity = (0, 0)  # (rows, positions) allocated
         self.finite = 0
         """every active row's cache holds finite numbers at positions below this (a LENGTH_BLOCK
-        multiple past the longest row); attention runs over the longest row's positions only"""
+        multiple past the longest row); torch's decode attention reads up to the longest row's positions"""
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         """next position to write, per active slot (= tokens in the cache for that row)"""
         self._prefix: tuple[list[int], torch.Tensor, torch.Tensor] | None = None

@@ -33,7 +33,8 @@ MAX_GROUP, MAX_HEAD_DIM = 16, 256
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
 """-ffast-math lets the reductions vectorize and expf use glibc's vector math; the object is
 linked without it, so gcc's crtfastmath (which would flush denormals for the whole process) is
-never linked in"""
+never linked in. Its finite-math assumption means a NaN or inf in a broken model's q, k or v gives
+meaningless numbers here where torch's ops would give NaN"""
 
 
 def _openmp_runtime() -> Path | None:
@@ -51,29 +52,18 @@ def _openmp_runtime() -> Path | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
+    compiler = shutil.which("gcc") or shutil.which("cc")  # gcc first: clang's OpenMP calls need its own runtime
     if compiler is None:
-        log.warning("decode attention: no C compiler (cc or gcc) on PATH; using torch's ops")
+        log.warning("decode attention: no C compiler (gcc or cc) on PATH; using torch's ops")
         return None
     runtime = _openmp_runtime()
-    with tempfile.TemporaryDirectory(prefix="prefloop-attention-") as build:
-        obj, lib = Path(build, "attention.o"), Path(build, "attention.so")
-        openmp = ["-fopenmp"] if runtime else []
-        link = [str(runtime), f"-Wl,-rpath,{runtime.parent}"] if runtime else []
-        for command in ([compiler, *COMPILE_FLAGS, *openmp, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, "-shared", str(obj), "-o", str(lib), *link, "-lm"]):
-            try:
-                subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as exc:
-                detail = getattr(exc, "stderr", "") or exc
-                log.warning("decode attention: building %s failed (%s); using torch's ops", SOURCE.name,
-                            str(detail).strip()[:500])
-                return None
-        try:
-            library = ctypes.CDLL(str(lib))  # stays mapped after the directory is removed
-        except OSError as exc:  # e.g. a temporary directory mounted noexec
-            log.warning("decode attention: loading the built %s failed (%s); using torch's ops", lib.name, exc)
-            return None
+    try:
+        library = _build(compiler, runtime)
+    except (OSError, subprocess.SubprocessError) as exc:  # OSError: no writable temporary directory, noexec
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("decode attention: building or loading %s failed (%s); using torch's ops", SOURCE.name,
+                    str(detail).strip()[:500])
+        return None
     function = library.prefloop_decode_attention
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
@@ -81,6 +71,18 @@ def _library() -> ctypes.CDLL | None:
     log.info("decode attention: built %s for this CPU%s", SOURCE.name,
              f", threads from {runtime.name}" if runtime else ", one thread (no OpenMP runtime loaded)")
     return library
+
+
+def _build(compiler: str, runtime: Path | None) -> ctypes.CDLL:
+    """Compile and load; `-z defs` makes a symbol the runtime lacks an error here, not at load."""
+    with tempfile.TemporaryDirectory(prefix="prefloop-attention-") as build:
+        obj, lib = Path(build, "attention.o"), Path(build, "attention.so")
+        openmp = ["-fopenmp"] if runtime else []
+        link = [str(runtime), f"-Wl,-rpath,{runtime.parent}"] if runtime else []
+        for command in ([compiler, *COMPILE_FLAGS, *openmp, "-c", str(SOURCE), "-o", str(obj)],
+                        [compiler, "-shared", "-Wl,-z,defs", str(obj), "-o", str(lib), *link, "-lm"]):
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+        return ctypes.CDLL(str(lib))  # stays mapped after the directory is removed
 
 
 class DecodeAttention:
@@ -98,16 +100,26 @@ class DecodeAttention:
         capacity, head_dim], positions [rows] (int64: where each row's new key and value go). Returns
         [rows, heads * head_dim], or None, having written nothing, where the kernel does not take these."""
         rows, heads, d = len(qkv), self.kv_heads * self.group, self.head_dim
-        tensors = (qkv, cos, sin, keys, values)
-        if not (all(t.is_contiguous() and t.dtype == qkv.dtype for t in tensors) and positions.is_contiguous()
-                and positions.dtype == torch.int64 and qkv.shape[-1] == (heads + 2 * self.kv_heads) * d
-                and cos.numel() == sin.numel() == rows * d and len(positions) == rows):
+        if not self._takes(qkv, cos, sin, keys, values, positions):
             return None
         out = torch.empty(rows, heads * d, dtype=qkv.dtype)
         failed = self._run(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
                            keys.shape[1], positions.data_ptr(), out.data_ptr(), rows, self.kv_heads, self.group, d,
                            self.scale, int(qkv.dtype == torch.bfloat16), torch.get_num_threads())
         return None if failed else out
+
+    def _takes(self, qkv, cos, sin, keys, values, positions) -> bool:
+        """Whether these tensors have the layouts the kernel reads and writes through raw pointers (it
+        checks positions against the capacity itself)."""
+        rows, d = len(qkv), self.head_dim
+        tensors = (qkv, cos, sin, keys, values, positions)
+        return (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+                and qkv.dtype in (torch.float32, torch.bfloat16)
+                and all(t.dtype == qkv.dtype for t in (cos, sin, keys, values)) and positions.dtype == torch.int64
+                and qkv.dim() == 2 and qkv.shape[1] == (self.kv_heads * self.group + 2 * self.kv_heads) * d
+                and cos.numel() == sin.numel() == rows * d and positions.shape == (rows,)
+                and keys.dim() == 3 and keys.shape == values.shape and keys.shape[0] >= rows * self.kv_heads
+                and keys.shape[2] == d)
 
 
 def decode_attention(dtype: torch.dtype, device: torch.device, kv_heads: int, group: int, head_dim: int,

@@ -96,6 +96,14 @@ def test_shapes_it_does_not_take_and_other_devices_keep_torchs_ops():
     assert attention(qkv, cos, cos, cache, cache.clone(), torch.tensor([3, 16])) is None  # a position past the cache
     assert attention(qkv, cos, cos, cache, cache.clone(), torch.tensor([3, 4], dtype=torch.int32)) is None
     assert attention(qkv.bfloat16(), cos, cos, cache, cache.clone(), torch.tensor([3, 4])) is None  # mixed dtypes
+    half = (qkv.half(), cos.half(), cos.half(), cache.half(), cache.half(), torch.tensor([3, 4]))
+    assert attention(*half) is None  # a dtype it does not compute
+    assert attention(qkv, cos, cos, cache[:1], cache[:1].clone(), torch.tensor([3, 4])) is None  # fewer slots than rows
+    assert attention(qkv, cos, cos, cache, cache[:, :8].clone(), torch.tensor([3, 4])) is None  # values unlike keys
+    assert attention(qkv, cos, cos, cache[..., :4].contiguous(), cache[..., :4].contiguous(),
+                     torch.tensor([3, 4])) is None  # another head size
+    assert attention(qkv.reshape(-1), cos, cos, cache, cache.clone(), torch.arange(48)) is None  # not [rows, width]
+    assert attention(qkv, cos, cos, cache[:, ::2], cache[:, ::2], torch.tensor([3, 4])) is None  # not contiguous
     assert torch.equal(cache, untouched)  # nothing written when it declines
 
 
@@ -119,4 +127,4 @@ def test_a_compile_error_means_torchs_ops_and_the_compilers_message(fresh_build,
     monkeypatch.setattr(native_attention, "SOURCE", broken)
     with caplog.at_level(logging.WARNING, logger=native_attention.__name__):
         assert native_attention.decode_attention(torch.bfloat16, torch.device("cpu"), 3, 3, 64, 0.125) is None
-    assert "building attention.c failed" in caplog.text and "undeclared_name" in caplog.text
+    assert "building or loading attention.c failed" in caplog.text and "undeclared_name" in caplog.text
