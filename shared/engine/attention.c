@@ -56,6 +56,16 @@ static inline __attribute__((always_inline)) void store(void *p, size_t i, float
     ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
 }
 
+/* Cache position l of one slot as fp32 into row, prefetching PREFETCH_ROWS positions ahead. */
+static inline __attribute__((always_inline)) void cache_row(const void *slot, int l, float *row, const int D,
+                                                            const int bf16) {
+    const size_t width = bf16 ? 2 : 4;
+    const char *at = (const char *)slot + (size_t)l * D * width;
+    __builtin_prefetch(at + PREFETCH_ROWS * D * width);
+    __builtin_prefetch(at + PREFETCH_ROWS * D * width + 64);
+    for (int d = 0; d < D; d++) row[d] = load(at, d, bf16);
+}
+
 /* x rotated as `apply_rotary_pos_emb` does (x * cos + rotate_half(x) * sin), in fp32. */
 static inline __attribute__((always_inline)) void rotate(const void *x, const void *cos, const void *sin,
                                                          float *out, const int D, const int bf16) {
@@ -86,10 +96,7 @@ static inline __attribute__((always_inline)) void item(const void *q, const void
         for (int d = 0; d < D; d++) qf[g][d] *= scale;
     }
     for (int l = 0; l < length; l++) {
-        const char *at = (const char *)k + (size_t)l * D * width;
-        __builtin_prefetch(at + PREFETCH_ROWS * D * width);
-        __builtin_prefetch(at + PREFETCH_ROWS * D * width + 64);
-        for (int d = 0; d < D; d++) row[d] = load(at, d, bf16);
+        cache_row(k, l, row, D, bf16);
         for (int g = 0; g < group; g++) {
             float dot = 0.f;
             for (int d = 0; d < D; d++) dot += qf[g][d] * row[d];
@@ -105,10 +112,7 @@ static inline __attribute__((always_inline)) void item(const void *q, const void
         for (int d = 0; d < D; d++) acc[g][d] = 0.f;
     }
     for (int l = 0; l < length; l++) {
-        const char *at = (const char *)v + (size_t)l * D * width;
-        __builtin_prefetch(at + PREFETCH_ROWS * D * width);
-        __builtin_prefetch(at + PREFETCH_ROWS * D * width + 64);
-        for (int d = 0; d < D; d++) row[d] = load(at, d, bf16);
+        cache_row(v, l, row, D, bf16);
         for (int g = 0; g < group; g++) {
             float p = scores[(size_t)g * length + l];
             for (int d = 0; d < D; d++) acc[g][d] += p * row[d];

@@ -289,7 +289,8 @@ class SlotDecoder:
         if shared:
             keys[:, :, :shared], values[:, :, :shared] = self._prefix[1][:, :, :shared], self._prefix[2][:, :, :shared]
         for i in range(len(self.layers)):
-            q, k, v = (t.transpose(0, 1) for t in rotated(self._qkv(i, x), cos, sin, self.heads, h, self.head_dim))  # [heads, n - shared, d]
+            q, k, v = (t.transpose(0, 1)  # [heads, n - shared, d]
+                       for t in rotated(self._qkv(i, x), cos, sin, self.heads, h, self.head_dim))
             keys[i, :, shared:], values[i, :, shared:] = k, v
             for slot in range(first, first + copies):
                 self.k[i, slot * h:(slot + 1) * h, :n] = keys[i]

@@ -2,9 +2,9 @@
 
 Torch's decode attention is a dozen ops a layer: the rotary embedding, two indexed cache writes,
 a copy of every layer's keys and values out of the cache before its bmm (oneDNN's bf16 bmm copies
-a strided operand), and every row computed over the longest row's positions, masked. SmolLM2 in bf16, 32 rows at about 190 positions, 2 cores: the 30 layers' attention
-took 43-45 ms a step that way and 10-12 ms with this kernel (benchmarks/generation.py measures
-the engine's decode rate with it).
+a strided operand), and every row computed over the longest row's positions, masked. SmolLM2 in
+bf16, 32 rows at about 190 positions, 2 cores: the 30 layers' attention took 43-45 ms a step that
+way and 10-12 ms with this kernel (benchmarks/generation.py measures the engine's decode rate with it).
 
 The kernel is compiled for this CPU (`-march=native`) into a temporary directory when a decoder
 first asks for it (about 0.3 s, once per process) and linked against the OpenMP runtime torch
@@ -43,10 +43,9 @@ def _openmp_runtime() -> Path | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    for line in maps.splitlines():
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        if Path(path).name.startswith(("libgomp", "libiomp5")):
-            return Path(path)
+    for fields in map(str.split, maps.splitlines()):
+        if len(fields) >= 6 and Path(fields[-1]).name.startswith(("libgomp", "libiomp5")):
+            return Path(fields[-1])
     return None
 
 
