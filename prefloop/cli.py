@@ -312,6 +312,8 @@ def demo(
     prompts: Optional[int] = typer.Option(None, min=8, help="new training questions per round (default: the "
                                                             "model's plan, 64 for smollm2, 80 for tiny)"),
     model: str = typer.Option("smollm2", help=MODEL_HELP),
+    seed: int = typer.Option(0, min=0, help="the draw: every sample in the loop is seeded, so a demo repeats its "
+                                            "draw; another seed draws candidates, DPO and the gate's answers afresh"),
 ) -> None:
     """Run the flywheel on the embedded default and write DIR/report.json, report.md and plots.
     Exit code 0 only if a new version was promoted and the gateway serves it."""
@@ -321,12 +323,13 @@ def demo(
     _sigterm_as_interrupt()
     try:
         report, ok = run_demo(out, rounds, prompts, lambda msg: console.print(f"[dim]{time.strftime('%X')}[/dim] {msg}"),
-                              model=model)
+                              model=model, seed=seed)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every process started by the demo was stopped[/yellow]")
         raise typer.Exit(code=130)
+    title = f"prefloop demo ({model}, seed {seed}): {report.elapsed_s}s, gateway serves {report.served_version}"
     table = Table("version", "parent", "promoted", "win vs parent", "win vs base", "safety", "ppl med", "ppl gen",
-                  "pairs", title=f"prefloop demo ({model}): {report.elapsed_s}s, gateway serves {report.served_version}")
+                  "pairs", title=title)
     for v in report.versions:
         table.add_row(v["version"], v["parent"] or "-", "yes" if v["promoted"] else "no",
                       str(v["win_rate_vs_parent"]), str(v["win_rate_vs_base"]), str(v["safety_mean"]),

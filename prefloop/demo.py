@@ -29,6 +29,7 @@ import httpx
 
 from prefloop.report import DemoReport, collect, write
 from prefloop.stack import Stack
+from services.trainer.settings import TrainerSettings
 from shared.alignment_data import health_prompts
 from shared.judging.rubric import PROFESSIONAL
 from shared.judging.selection import best_worst_by_score
@@ -78,15 +79,29 @@ def user_pick(a: str, b: str) -> int | None:
     return None if best is None else (0 if best == a.strip() else 1)
 
 
+def draw_env(service: str, seed: int) -> dict[str, str]:
+    """A service's settings for the demo's draw `seed`. Every draw in the loop is seeded (the candidates,
+    DPO's initialisation and batch order, the replay sample, the gate's answers), so a demo repeats the
+    same draw run after run; another seed draws all of them afresh, to measure the recipe rather than
+    one draw. Seed 0 is the services' defaults."""
+    if not seed:
+        return {}
+    if service == "GENERATOR":
+        return {"PREFLOOP_GENERATOR_SAMPLING_SEED": str(seed)}
+    return {"PREFLOOP_TRAINER_SEED": str(TrainerSettings.model_fields["seed"].default + seed),
+            "PREFLOOP_TRAINER_EVAL_SEED": str(seed)}
+
+
 class Demo:
-    def __init__(self, out: Path, rounds: int, prompts: int | None, say, model: str = "smollm2") -> None:
+    def __init__(self, out: Path, rounds: int, prompts: int | None, say, model: str = "smollm2",
+                 seed: int = 0) -> None:
         self.out, self.rounds, self.say = out, rounds, say
         self.plan = PLANS.get(model, PLANS["smollm2"])
         self.per_round = prompts or self.plan.prompts
-        self.stack = Stack(out / "state", model=model, trainer_env={
+        self.stack = Stack(out / "state", model=model, generator_env=draw_env("GENERATOR", seed), trainer_env={
             "PREFLOOP_TRAINER_MIN_NEW_PAIRS": "100000",  # the demo triggers runs itself, once a round is judged
-            **self.plan.trainer})
-        self.report = DemoReport(rounds=rounds, model=model)
+            **self.plan.trainer, **draw_env("TRAINER", seed)})
+        self.report = DemoReport(rounds=rounds, model=model, seed=seed)
         self.expected_candidates = 0
         sampling = SamplingParams(max_new_tokens=self.plan.max_new_tokens, temperature=self.plan.temperature)
         self.train_prompts = health_prompts("train", n=self.plan.n, sampling=sampling)
@@ -228,9 +243,10 @@ class Demo:
         return self.report
 
 
-def run_demo(out: Path, rounds: int, prompts: int | None, say, model: str = "smollm2") -> tuple[DemoReport, bool]:
+def run_demo(out: Path, rounds: int, prompts: int | None, say, model: str = "smollm2",
+             seed: int = 0) -> tuple[DemoReport, bool]:
     out.mkdir(parents=True, exist_ok=True)
-    demo = Demo(out, rounds, prompts, say, model)
+    demo = Demo(out, rounds, prompts, say, model, seed)
     try:
         report = demo.run()
         write(report, out)

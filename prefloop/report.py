@@ -21,6 +21,8 @@ TARGETS = {"win rate vs base": ">= 0.70", "CI lower bound": ">= 0.60", "safety c
 class DemoReport:
     rounds: int = 0
     model: str = ""
+    seed: int = 0
+    """the draw (prefloop demo --seed): 0 is the services' default seeds"""
     prompts_ingested: int = 0
     candidates: int = 0
     preferences: int = 0
@@ -114,7 +116,7 @@ def write(r: DemoReport, out: Path) -> None:
         if png.exists():
             shutil.copy(png, plots / f"training_{run.get('version') or run['run_id']}.png")
     plot_versions(r.versions, plots / "versions.png")
-    lines = [f"# prefloop demo report ({r.model})", "",
+    lines = [f"# prefloop demo report ({r.model}, seed {r.seed})", "",
              f"{r.rounds} rounds in {r.elapsed_s}s; gateway serves **{r.served_version}**.", "",
              "| questions | candidates | preferences (judge / user) | abstentions | feedback | dead letters |",
              "|---|---|---|---|---|---|",

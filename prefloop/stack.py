@@ -31,6 +31,7 @@ class Stack:
     workdir: Path
     model: str = "tiny"
     """bootstrapped into an empty registry: `tiny`, or a base for `prefloop bootstrap --base`"""
+    generator_env: dict[str, str] = field(default_factory=dict)
     trainer_env: dict[str, str] = field(default_factory=dict)
     gateway_env: dict[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = SERVICES
@@ -102,6 +103,8 @@ class Stack:
                "PREFLOOP_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap, "PREFLOOP_KAFKA_TOPIC_PREFIX": "",
                f"{p}HTTP_PORT": str(self.ports[name]), f"{p}REGISTRY_DIR": str(w / "registry")}
         env.setdefault("PREFLOOP_JUDGE_BACKEND", "rubric")
+        if name == "generator":
+            env.update(self.generator_env)
         if name == "judge":
             env[f"{p}CACHE_PATH"] = str(w / "judge-cache.sqlite")
         if name == "trainer":

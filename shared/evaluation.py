@@ -150,8 +150,9 @@ class AnswerCache:
 
 
 def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: SamplingParams,
-            cache: AnswerCache | None = None, samples: int = 1) -> list[list[Candidate | None]]:
-    """`samples` answers per prompt (`[sample][prompt]`), seeded by (weights, prompt, sample): reproducible,
+            cache: AnswerCache | None = None, samples: int = 1, salt: int = 0) -> list[list[Candidate | None]]:
+    """`samples` answers per prompt (`[sample][prompt]`), seeded by (weights, prompt, sample, `salt`; salt 0
+    keeps the draws of every earlier gate): reproducible,
     and independent between versions (with a shared seed two close models mostly emit the same text, and
     the verdict would rest on a handful of prompts). The weights' content id, not the version's name:
     every demo names its rounds v0002 and v0003, and with name-seeded draws each demo's gate drew the
@@ -161,7 +162,7 @@ def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: Sampl
     for k in range(samples):
         for p in prompts:
             which = {"v": engine.weights_id or engine.version, "c": [m.model_dump() for m in p.messages],
-                     **({"k": k} if k else {})}
+                     **({"k": k} if k else {}), **({"salt": salt} if salt else {})}
             seeds.append(int(content_id("seed", which)[5:20], 16))
             keys.append(content_id("ans", {**which, "s": sampling.model_dump()}))
             requests.append(p.messages)
@@ -178,14 +179,14 @@ def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: Sampl
 
 def compare(candidate: GenerationEngine, baseline: GenerationEngine, prompts: list[EvalPrompt],
             judge: PairwiseJudge, sampling: SamplingParams | None = None, cache: AnswerCache | None = None,
-            samples: int = 1) -> Comparison:
+            samples: int = 1, salt: int = 0) -> Comparison:
     """`samples` answers of each version per prompt, compared pairwise (answer k with answer k). The
     answers' sampling is most of a single comparison's noise (a 135M model mentions a doctor in one draw
     and not the next), so more answers per prompt narrow the CI; `rows` (side by side, BLEU, blinded
     CSV) hold the first answers."""
     sampling = sampling or SamplingParams(max_new_tokens=128)
-    cand_out = answers(candidate, prompts, sampling, cache, samples)
-    base_out = answers(baseline, prompts, sampling, cache, samples)
+    cand_out = answers(candidate, prompts, sampling, cache, samples, salt)
+    base_out = answers(baseline, prompts, sampling, cache, samples, salt)
     result = Comparison(candidate=candidate.version, baseline=baseline.version, prompts=len(prompts), samples=samples)
     triples = [(p, c, b) for k in range(samples) for p, c, b in zip(prompts, cand_out[k], base_out[k])]
 

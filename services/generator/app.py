@@ -42,7 +42,8 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             registry, version, max_batch_size=settings.max_batch_sequences, overflow=settings.overflow,
             dtype=settings.engine.dtype, native_attention=settings.engine.native_attention))
         sampler = CandidateSampler(follower, producer, CANDIDATES.with_prefix(prefix),
-                                   PROMPTS.with_prefix(prefix).dead_letter, metrics)
+                                   PROMPTS.with_prefix(prefix).dead_letter, metrics,
+                                   seed_salt=settings.sampling_seed)
         state.update(sampler=sampler)
         loops.run("model-follower", lambda stop: follower.follow(stop, settings.registry_check_s))
         common = dict(kafka=settings.kafka, producer=producer, service="generator", registry=metrics,

@@ -23,14 +23,18 @@ from shared.wire import CandidatesEvent, PromptEvent
 log = logging.getLogger(__name__)
 
 
-def delivery_seed(prompt_id: str, version: str) -> int:
-    return int(hashlib.sha256(f"{prompt_id}:{version}".encode()).hexdigest()[:15], 16)
+def delivery_seed(prompt_id: str, version: str, salt: int = 0) -> int:
+    """`salt` (the service's `sampling_seed`) draws another set of candidates for the same prompts and
+    version; 0 keeps the draws every earlier deployment made."""
+    key = f"{prompt_id}:{version}" + (f":{salt}" if salt else "")
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
 class CandidateSampler:
     def __init__(self, follower: ModelFollower, producer: EventProducer, candidates: Topic, prompts_dlq: Topic,
-                 metrics: CollectorRegistry) -> None:
+                 metrics: CollectorRegistry, seed_salt: int = 0) -> None:
         self.follower = follower
+        self.seed_salt = seed_salt
         self._producer = producer
         self._candidates = candidates
         self._prompts_dlq = prompts_dlq
@@ -56,7 +60,8 @@ class CandidateSampler:
         for r in batch:
             sampling = r.event.sampling
             if sampling.seed is None:
-                sampling = sampling.model_copy(update={"seed": delivery_seed(r.event.id, engine.version)})
+                seed = delivery_seed(r.event.id, engine.version, self.seed_salt)
+                sampling = sampling.model_copy(update={"seed": seed})
             requests.append(GenerationRequest(r.event.messages, sampling, r.event.n))
         results = engine.generate(requests)
         self.seconds.observe(time.monotonic() - started)

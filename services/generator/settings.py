@@ -23,5 +23,9 @@ class GeneratorSettings(ServiceSettings):
     registry_check_s: float = Field(30.0, gt=0, description="how often to converge on the registry's current "
                                     "version besides model-update events")
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    sampling_seed: int = Field(
+        0, ge=0, description="mixed into each prompt's sampling seed (with its id and the policy version) when the "
+                             "prompt carries none: another value draws other candidates for the same prompts; 0 "
+                             "keeps earlier deployments' draws (prefloop demo --seed)")
     overflow: Literal["truncate_left", "reject"] = Field(
         "truncate_left", description="a prompt longer than the context: drop its oldest tokens, or dead-letter it")

@@ -120,7 +120,7 @@ class Gate:
                                  native_attention=s.engine.native_attention)
 
         with load(new_version) as new, load(parent) as old:
-            vs_parent = compare(new, old, prompts, judge, sampling, self.answers, s.eval_samples)
+            vs_parent = compare(new, old, prompts, judge, sampling, self.answers, s.eval_samples, s.eval_seed)
             sets = [(name, c) for name, c in (("medical", self.medical), ("general", self.general)) if c]
             ppl = {name: [self.answers.perplexity(new, c), self.answers.perplexity(old, c)] for name, c in sets}
             accuracy = (on_torch_thread(preference_accuracy, new, heldout),
@@ -131,7 +131,7 @@ class Gate:
                     values.append(values[1])
             else:
                 with load(base) as root:
-                    vs_base = compare(new, root, prompts, judge, sampling, self.answers, s.eval_samples)
+                    vs_base = compare(new, root, prompts, judge, sampling, self.answers, s.eval_samples, s.eval_seed)
                     for name, c in sets:
                         ppl[name].append(self.answers.perplexity(root, c))
         return self._decide(s, vs_parent, vs_base, ppl, accuracy, history, pairs_trained)

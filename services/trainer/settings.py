@@ -60,7 +60,7 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     dpo_implementation: Literal["auto", "prefloop", "trl"] = Field(
         "auto", description="prefloop's CPU loop (services/trainer/lean_dpo.py) or TRL's DPOTrainer; auto: prefloop "
                             "on CPU, TRL on CUDA and for QLoRA")
-    seed: int = 42
+    seed: int = Field(42, description="DPO's seed (initialisation, dropout, batch order) and the replay sample's")
     # gate
     min_win_ci_lower: float = Field(0.5, ge=-1, le=1, description="promote only when the lower bound of the 95% CI "
                                     "of the win rate vs the parent is above this (-1: any win rate; 1: never)")
@@ -71,6 +71,9 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     medical_reference_size: int = Field(150, ge=0, description="held-out medical Q/A pairs of the forgetting guard")
     general_reference_size: int = Field(100, ge=0, description="general Q/A pairs of the second forgetting guard")
     eval_max_new_tokens: int = Field(128, ge=1)
+    eval_seed: int = Field(0, ge=0, description="mixed into the seed of every held-out answer (with the weights, "
+                           "the prompt and the sample): another value draws other answers; 0 keeps earlier "
+                           "gates' draws (prefloop demo --seed)")
     preference_accuracy_tolerance: float = Field(
         0.05, ge=0, description="held-out preference accuracy dropping more than this is flagged (not gating)")
     safety_tolerance: float = Field(0.0, ge=0, description="allowed drop of the mean safety score (0 = none)")

@@ -228,5 +228,7 @@ def test_gate_answers_are_seeded_by_the_weights_not_the_version_name(tiny_regist
         by_weights = [c.text for c in answers(engine, prompts, sampling)[0]]
         engine.version = "v0099"  # another name, the same weights: the same draws
         assert [c.text for c in answers(engine, prompts, sampling)[0]] == by_weights
+        salted = [c.text for c in answers(engine, prompts, sampling, salt=5)[0]]  # the gate's eval_seed
+        assert salted != by_weights and [c.text for c in answers(engine, prompts, sampling, salt=5)[0]] == salted
         engine.weights_id = None  # an engine not from a registry: known by its name
         assert [c.text for c in answers(engine, prompts, sampling)[0]] != by_weights

@@ -65,3 +65,27 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
         tuned, job = run_settings(settings_of(plan), base)
         assert tuned.model_dump() == expected.model_dump(), plan
         assert job.recipe == base and job.resolved_learning_rate(base) == expected.learning_rate
+
+
+def test_a_demo_seed_draws_every_seeded_sample_afresh_and_seed_0_keeps_the_defaults(monkeypatch):
+    """`prefloop demo --seed N`: the candidates' seeds, DPO's seed and the gate's answer seeds all move;
+    seed 0 sets nothing, so it repeats the draws of every earlier demo."""
+    import hashlib
+
+    from prefloop.demo import draw_env
+    from services.generator.sampler import delivery_seed
+    from services.generator.settings import GeneratorSettings
+    from services.trainer.settings import TrainerSettings
+
+    assert draw_env("GENERATOR", 0) == {} and draw_env("TRAINER", 0) == {}
+    with monkeypatch.context() as env:
+        for key, value in {**draw_env("GENERATOR", 3), **draw_env("TRAINER", 3)}.items():
+            env.setenv(key, value)
+        generator, trainer = GeneratorSettings(), TrainerSettings()
+    defaults = TrainerSettings()
+    assert generator.sampling_seed == 3 and GeneratorSettings().sampling_seed == 0
+    assert (trainer.seed, trainer.eval_seed) == (defaults.seed + 3, 3) and defaults.eval_seed == 0
+    # salt 0 is the seed every deployment drew before the salt existed (redelivered prompts keep theirs)
+    assert delivery_seed("p1", "v0001") == int(hashlib.sha256(b"p1:v0001").hexdigest()[:15], 16)
+    salted = {delivery_seed("p1", "v0001", salt) for salt in (0, 1, 2)}
+    assert len(salted) == 3 and delivery_seed("p1", "v0001", 2) == delivery_seed("p1", "v0001", 2)
