@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--run", type=int, required=True, help="which finished run, 1-based")
     ap.add_argument("--without", nargs="*", default=["user"], help="pair sources to leave out, one variant each")
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "ablation")
-    ap.add_argument("--medical", type=int, default=150, help="held-out medical Q/A pairs")
+    ap.add_argument("--medical", type=int, default=110, help="held-out medical Q/A pairs (the gate's guard: at most 110)")
     ap.add_argument("--general", type=int, default=100, help="general Q/A pairs")
     ap.add_argument("--reference", nargs="*", choices=["parent", "root"], help="DPO references to train with "
                     "(default: the run's own)")

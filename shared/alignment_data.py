@@ -44,6 +44,17 @@ def general_conversations(limit: int | None = None) -> list[list[dict]]:
     return _conversations(GENERAL_QA, None, limit)
 
 
+MEDICAL_GUARD_ROWS = 110
+"""the gate's medical forgetting guard draws from the first 110 reference Q/A pairs; the rest (40) are
+DPO's drift monitor, so a run that stops at its drift budget was never tuned on the guard's own set"""
+
+
 def medical_conversations(limit: int | None = None) -> list[list[dict]]:
-    """Held-out health questions with careful reference answers, asked as the loop asks (system prompt)."""
-    return _conversations(MEDICAL_QA, SYSTEM_PROMPT, limit)
+    """Held-out health questions with careful reference answers, asked as the loop asks (system prompt):
+    the gate's forgetting guard, at most MEDICAL_GUARD_ROWS."""
+    return _conversations(MEDICAL_QA, SYSTEM_PROMPT, None)[:min(MEDICAL_GUARD_ROWS, limit or MEDICAL_GUARD_ROWS)]
+
+
+def drift_monitor_conversations() -> list[list[dict]]:
+    """The medical reference Q/A pairs after the guard's: what DPO's drift budget measures."""
+    return _conversations(MEDICAL_QA, SYSTEM_PROMPT, None)[MEDICAL_GUARD_ROWS:]

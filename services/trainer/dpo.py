@@ -75,6 +75,9 @@ class DPOJobConfig:
     precompute_ref_log_probs: bool = False
     activation_checkpointing: bool = False
     """recompute activations in the backward pass (TRL's default is on; less memory, one more forward pass per step)"""
+    max_drift: float = 0.0
+    """prefloop's loop: stop when the drift monitor's perplexity rose more than this (0: off; lean_dpo.py)"""
+    drift_check_steps: int = 4
     seed: int = 42
     logging_steps: int = 1
     dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"
@@ -138,6 +141,9 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
         return _run_lean(parent_path, rows, config, run_dir, recipe, parent, reference_cache, reference)
+    if config.max_drift:
+        log.warning("max_drift %.3f is not applied: the drift budget is prefloop's DPO loop's; TRL trains every "
+                    "planned step", config.max_drift)
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"

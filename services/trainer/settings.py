@@ -60,6 +60,11 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     dpo_implementation: Literal["auto", "prefloop", "trl"] = Field(
         "auto", description="prefloop's CPU loop (services/trainer/lean_dpo.py) or TRL's DPOTrainer; auto: prefloop "
                             "on CPU, TRL on CUDA and for QLoRA")
+    max_drift: float = Field(
+        0.0, ge=0, description="prefloop's DPO loop stops when the perplexity of the drift monitor (40 medical "
+                               "reference answers apart from the gate's guard set) rose more than this since the "
+                               "run began, and keeps the adapter of the last check within it; 0: off")
+    drift_check_steps: int = Field(4, ge=1, description="optimizer steps between drift checks")
     seed: int = Field(42, description="DPO's seed (initialisation, dropout, batch order) and the replay sample's")
     # gate
     min_win_ci_lower: float = Field(0.5, ge=-1, le=1, description="promote only when the lower bound of the 95% CI "
@@ -68,7 +73,8 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
     eval_samples: int = Field(2, ge=1, le=16, description="answers per held-out prompt and version, compared "
                               "pairwise; the CI counts a prompt's comparisons as one cluster (answer sampling "
                               "is most of one comparison's noise: README, 'The gate's answers per question')")
-    medical_reference_size: int = Field(150, ge=0, description="held-out medical Q/A pairs of the forgetting guard")
+    medical_reference_size: int = Field(110, ge=0, le=110, description="held-out medical Q/A pairs of the forgetting "
+                                        "guard (the other 40 that ship are DPO's drift monitor)")
     general_reference_size: int = Field(100, ge=0, description="general Q/A pairs of the second forgetting guard")
     eval_max_new_tokens: int = Field(128, ge=1)
     eval_seed: int = Field(0, ge=0, description="mixed into the seed of every held-out answer (with the weights, "

@@ -230,3 +230,59 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
                                                  max_length=256, reference="root", lora_dropout=0.0),
                   tmp_path / "r4", parent=child, reference=Reference("v0001", lambda: root))
     assert trl.history[0]["rewards/margins"] > 0.05
+
+
+def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_within_it(tiny_registry, preferences,
+                                                                                     tmp_path, monkeypatch):
+    """max_drift: prefloop's loop measures the drift monitor's perplexity every `drift_check_steps` and, past
+    the budget, stops and restores the adapter of the last check within it (step 0: the parent itself).
+    The tiny model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO,
+    so the stopping runs script the monitor's readings; the first run measures it for real."""
+    from services.trainer.lean_dpo import DriftBudget
+    from shared.alignment_data import drift_monitor_conversations, medical_conversations
+
+    parent = ModelRegistry(tiny_registry).verified_path("v0001")
+    rows = [to_trl_row(p) for p in preferences if p.split == "train"][:12]
+    settings = dict(learning_rate=2e-2, max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                    drift_check_steps=2, dpo_implementation="prefloop")
+    free = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=100.0), tmp_path / "free")
+    change = {h["step"]: h["drift/perplexity_change"] for h in free.history if "drift/perplexity_change" in h}
+    assert free.steps == 6 and sorted(change) == [2, 4, 6] and len(set(change.values())) == 3
+    base = AutoModelForCausalLM.from_pretrained(str(parent))
+    for readings, stop, kept in (([10.0, 10.1, 10.5, 12.0], 4, 2), ([10.0, 10.5], 2, 0)):
+        monitor = iter(readings)
+        monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
+        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02), tmp_path / f"stop{stop}")
+        assert result.steps == kept and result.history[-1]["step"] == stop
+        assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[stop // 2] / 10 - 1)
+        merged, _ = merge_adapter(parent, result.adapter_dir)
+        unchanged = all(torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())
+        assert unchanged == (kept == 0)  # step 0 kept: the parent's weights exactly
+    # the monitor is apart from the gate's guard set
+    guard = {c[-2]["content"] for c in medical_conversations(10_000)}
+    assert len(guard) == 110 and not guard & {c[-2]["content"] for c in drift_monitor_conversations()}
+
+
+def test_the_drift_budget_counts_from_the_reference_when_it_is_lower_than_the_parent(tiny_registry):
+    """The gate guards the forgetting sets against the parent and against the base: a second round's
+    budget is what the first left, so the start is the lower of the parent's and the reference's."""
+    from services.trainer.lean_dpo import DriftBudget
+
+    path = ModelRegistry(tiny_registry).verified_path("v0001")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    clean = AutoModelForCausalLM.from_pretrained(str(path))
+    drifted = AutoModelForCausalLM.from_pretrained(str(path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in drifted.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    probe = DriftBudget(get_peft_model(clean, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")),
+                        tok, 0.05, autocast=False)
+    low, high = sorted((clean, drifted), key=probe.perplexity)  # the parent: the one the monitor finds worse
+    policy = get_peft_model(high, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    alone = DriftBudget(policy, tok, 0.05, autocast=False)
+    gap = alone.start / probe.perplexity(low) - 1
+    rooted = DriftBudget(policy, tok, gap / 2, autocast=False, load_reference=lambda: low)
+    assert gap > 0 and rooted.start < alone.start and alone.check(1) == pytest.approx(0, abs=1e-6)
+    assert rooted.check(1) == pytest.approx(gap)  # past its budget: the adapter of step 0 stays kept
+    assert rooted.kept_step == 0 and alone.kept_step == 1 and policy.training
