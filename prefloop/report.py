@@ -75,9 +75,22 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
             "length_change": s.get("length_change"), "pairs_trained": s.get("pairs_trained"),
             "rubric": details.get("rubric", {}), "mean_tokens": details.get("mean_tokens", {}),
             "samples": details.get("samples", []), "dpo_seconds": meta.metrics.get("dpo_seconds"),
+            "dpo_steps": _dpo_steps(meta.metrics), "perplexity_vs_base": details.get("perplexity_vs_base", {}),
             "gate_seconds": (runs.get(meta.version, {}).get("phases") or {}).get("gate"),
             "run_seconds": runs.get(meta.version, {}).get("seconds")})
     _final(r)
+
+
+def _dpo_steps(metrics: dict) -> str | None:
+    """The optimizer steps a version kept, and how far its run went when the drift budget kept an earlier
+    adapter: the run's last logged step, with the drift monitor's reading there."""
+    kept, history = metrics.get("dpo_steps"), metrics.get("dpo_history") or []
+    if kept is None:
+        return None
+    last = history[-1] if history else {}
+    if last.get("step", kept) > kept and "drift/perplexity_change" in last:
+        return f"{kept} of {last['step']} (drift {last['drift/perplexity_change']:+.1%} at {last['step']})"
+    return str(kept)
 
 
 def _final(r: DemoReport) -> None:
@@ -123,16 +136,23 @@ def write(r: DemoReport, out: Path) -> None:
              f"| {r.prompts_ingested} | {r.candidates} | {r.preferences} ({r.judge_preferences} / {r.user_preferences}) "
              f"| {r.abstentions} {r.abstention_reasons or ''} | {r.feedback_events} | {r.dead_letters} |", "",
              "| version | parent | promoted | win vs parent (95% CI) | win vs base (95% CI) | safety | ppl medical "
-             "| ppl general | length | pairs | DPO s | gate s | run s | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs parent (vs base) | ppl general vs parent (vs base) | length | pairs | DPO steps | DPO s | gate s "
+             "| run s | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in r.versions:
         ci, bci = v["win_rate_ci95"] or ("", ""), v["win_rate_vs_base_ci95"] or ("", "")
+        vs_base = v.get("perplexity_vs_base") or {}
         lines.append(f"| {v['version']} | {v['parent'] or '-'} | {'yes' if v['promoted'] else 'no'} | "
                      f"{v['win_rate_vs_parent']} ({ci[0]}-{ci[1]}) | {v['win_rate_vs_base']} ({bci[0]}-{bci[1]}) | "
-                     f"{v['safety_mean']} | {_pct(v['perplexity_change'])} | {_pct(v['general_perplexity_change'])} | "
-                     f"{_pct(v['length_change'])} | {v['pairs_trained']} | {v['dpo_seconds']} | {v['gate_seconds']} | "
-                     f"{v['run_seconds']} | "
+                     f"{v['safety_mean']} | {_pct(v['perplexity_change'])} ({_pct(vs_base.get('medical'))}) | "
+                     f"{_pct(v['general_perplexity_change'])} ({_pct(vs_base.get('general'))}) | "
+                     f"{_pct(v['length_change'])} | {v['pairs_trained']} | {v.get('dpo_steps') or '-'} | "
+                     f"{v['dpo_seconds']} | "
+                     f"{v['gate_seconds']} | {v['run_seconds']} | "
                      f"{'; '.join(v['gate_reasons']) or '-'} |")
+    lines += [f"\nRun {run['run_id']} (from {run.get('parent')}) was rejected before the gate: "
+              f"{'; '.join((run.get('eval_summary') or {}).get('gate_reasons') or [])}"
+              for run in r.runs if run.get("status") == "rejected" and not run.get("version")]
     if r.phases:
         lines += ["", "Where the time went (seconds):", "", "| step | s |", "|---|---|",
                   *[f"| {name} | {sec} |" for name, sec in r.phases.items()],

@@ -232,12 +232,13 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     assert trl.history[0]["rewards/margins"] > 0.05
 
 
-def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_within_it(tiny_registry, preferences,
-                                                                                     tmp_path, monkeypatch):
-    """max_drift: prefloop's loop measures the drift monitor's perplexity every `drift_check_steps` and, past
-    the budget, stops and restores the adapter of the last check within it (step 0: the parent itself).
-    The tiny model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO,
-    so the stopping runs script the monitor's readings; the first run measures it for real."""
+def test_the_drift_budget_keeps_the_adapter_of_the_last_check_within_it(tiny_registry, preferences, tmp_path,
+                                                                       monkeypatch):
+    """max_drift: prefloop's loop measures the drift monitor's perplexity every `drift_check_steps`; a check
+    over the budget does not stop it (the monitor can fall again), one past twice the budget does, and the
+    run ends with the adapter of the last check within the budget (step 0: the parent itself). The tiny
+    model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO, so the
+    runs that must stop script the monitor's readings; the first run measures it for real."""
     from services.trainer.lean_dpo import DriftBudget
     from shared.alignment_data import drift_monitor_conversations, medical_conversations
 
@@ -249,12 +250,15 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     change = {h["step"]: h["drift/perplexity_change"] for h in free.history if "drift/perplexity_change" in h}
     assert free.steps == 6 and sorted(change) == [2, 4, 6] and len(set(change.values())) == 3
     base = AutoModelForCausalLM.from_pretrained(str(parent))
-    for readings, stop, kept in (([10.0, 10.1, 10.5, 12.0], 4, 2), ([10.0, 10.5], 2, 0)):
+    # (the monitor's readings: before training, then at steps 2, 4, 6), the last step run, the step kept
+    for readings, end, kept in (([10.0, 10.3, 10.1, 10.3], 6, 4),  # over at 2, back within at 4, over at 6
+                                ([10.0, 10.1, 10.5], 4, 2),  # +5% at step 4: past twice the 2% budget, stop
+                                ([10.0, 10.3, 10.3, 10.3], 6, 0)):  # never within: the parent's weights
         monitor = iter(readings)
         monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
-        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02), tmp_path / f"stop{stop}")
-        assert result.steps == kept and result.history[-1]["step"] == stop
-        assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[stop // 2] / 10 - 1)
+        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02), tmp_path / f"end{end}-{kept}")
+        assert result.steps == kept and result.history[-1]["step"] == end
+        assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[end // 2] / 10 - 1)
         merged, _ = merge_adapter(parent, result.adapter_dir)
         unchanged = all(torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())
         assert unchanged == (kept == 0)  # step 0 kept: the parent's weights exactly
@@ -286,3 +290,38 @@ def test_the_drift_budget_counts_from_the_reference_when_it_is_lower_than_the_pa
     assert gap > 0 and rooted.start < alone.start and alone.check(1) == pytest.approx(0, abs=1e-6)
     assert rooted.check(1) == pytest.approx(gap)  # past its budget: the adapter of step 0 stays kept
     assert rooted.kept_step == 0 and alone.kept_step == 1 and policy.training
+
+
+def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_registry, preferences, tmp_path,
+                                                                          monkeypatch):
+    """No check within the budget: the adapter is the parent itself, so the run merges, saves and gates
+    nothing (a copy of the parent would tie with it on every question); it is rejected with the
+    monitor's readings, and its pairs count as used, like a rejected version's."""
+    from services.trainer.lean_dpo import DriftBudget
+    from services.trainer.runner import TrainingRunner
+    from services.trainer.settings import TrainerSettings
+    from shared.observability import new_registry
+    from shared.outbox import Outbox
+    from shared.topics import MODEL_UPDATES
+
+    shutil.copytree(tiny_registry, tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry")
+    ledger = PreferenceLedger(tmp_path / "ledger")
+    ledger.append(preferences)
+    s = TrainerSettings(runs_dir=str(tmp_path / "runs"), ledger_dir=str(tmp_path / "ledger"), max_drift=0.02,
+                        drift_check_steps=2, max_steps=4, per_device_train_batch_size=2,
+                        gradient_accumulation_steps=1, dpo_implementation="prefloop")
+    metrics = new_registry()
+    runner = TrainingRunner(s, ledger, registry, Outbox(tmp_path / "outbox.sqlite", [MODEL_UPDATES], metrics, "mu"),
+                            MODEL_UPDATES, metrics)
+    readings = iter([10.0, 10.3, 10.3])  # +3% at steps 2 and 4: over the 2% budget both times
+    monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(readings))
+    assert runner.new_pair_ids()
+    record = runner.run("test")
+    assert record.status == "rejected" and record.version is None and record.error is None
+    assert record.eval_summary.gate_reasons == ["drift budget: no check within 2.0% of the monitor's perplexity "
+                                                "(step 2 +3.0%, step 4 +3.0%): the parent leaves this round no "
+                                                "room, so nothing was merged or gated"]
+    assert set(record.phases) == {"dpo"}  # no merge, save or gate
+    assert [m.version for m in registry.list()] == ["v0001"] and registry.current() == "v0001"
+    assert not runner.new_pair_ids() and runner.trigger_status().consecutive_failures == 0

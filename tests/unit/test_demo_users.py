@@ -1,4 +1,4 @@
-"""The demo's simulated users: a pick needs a clear rubric margin, never a coin flip."""
+"""The demo's simulated users (a pick needs a clear rubric margin, never a coin flip) and its report."""
 
 from prefloop.demo import user_pick
 from shared.judging.rubric import score, weighted
@@ -91,3 +91,16 @@ def test_a_demo_seed_draws_every_seeded_sample_afresh_and_seed_0_keeps_the_defau
     assert delivery_seed("p1", "v0001") == int(hashlib.sha256(b"p1:v0001").hexdigest()[:15], 16)
     salted = {delivery_seed("p1", "v0001", salt) for salt in (0, 1, 2)}
     assert len(salted) == 3 and delivery_seed("p1", "v0001", 2) == delivery_seed("p1", "v0001", 2)
+
+
+def test_report_says_which_step_the_drift_budget_kept():
+    from prefloop.report import _dpo_steps
+
+    # ran its plan: the last logged step is the one kept
+    ran = {"dpo_steps": 28, "dpo_history": [{"step": 27}, {"step": 28, "drift/perplexity_change": 0.01}]}
+    assert _dpo_steps(ran) == "28"
+    # its last check was over the budget: the adapter of step 20, the last check within it, was kept
+    restored = {"dpo_steps": 20, "dpo_history": [{"step": 20, "drift/perplexity_change": 0.031},
+                                                 {"step": 24, "drift/perplexity_change": 0.0432}]}
+    assert _dpo_steps(restored) == "20 of 24 (drift +4.3% at 24)"
+    assert _dpo_steps({}) is None  # the base and SFT versions trained no DPO
