@@ -82,14 +82,14 @@ def collect(r: DemoReport, stack, count, served: str) -> None:
 
 
 def _dpo_steps(metrics: dict) -> str | None:
-    """The optimizer steps a version kept, and how far its run went when the drift budget kept an earlier
-    adapter: the run's last logged step, with the drift monitor's reading there."""
+    """The optimizer steps a version kept, and where the drift budget stopped its run if it did: the run
+    then logged a step past the one it kept, with the drift monitor's reading."""
     kept, history = metrics.get("dpo_steps"), metrics.get("dpo_history") or []
     if kept is None:
         return None
     last = history[-1] if history else {}
     if last.get("step", kept) > kept and "drift/perplexity_change" in last:
-        return f"{kept} of {last['step']} (drift {last['drift/perplexity_change']:+.1%} at {last['step']})"
+        return f"{kept} (stopped at {last['step']}: drift {last['drift/perplexity_change']:+.1%})"
     return str(kept)
 
 

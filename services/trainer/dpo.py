@@ -76,8 +76,8 @@ class DPOJobConfig:
     activation_checkpointing: bool = False
     """recompute activations in the backward pass (TRL's default is on; less memory, one more forward pass per step)"""
     max_drift: float = 0.0
-    """prefloop's loop: keep the adapter of the last check within this rise of the drift monitor's perplexity
-    (0: off; lean_dpo.py)"""
+    """prefloop's loop: stop when the drift monitor's perplexity rose more than this and keep the adapter of the
+    last check within it (0: off; lean_dpo.py)"""
     drift_check_steps: int = 4
     seed: int = 42
     logging_steps: int = 1

@@ -61,10 +61,10 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
         "auto", description="prefloop's CPU loop (services/trainer/lean_dpo.py) or TRL's DPOTrainer; auto: prefloop "
                             "on CPU, TRL on CUDA and for QLoRA")
     max_drift: float = Field(
-        0.0, ge=0, description="prefloop's DPO loop keeps the adapter of the last check at which the perplexity "
-                               "of the drift monitor (40 medical reference answers apart from the gate's guard set) "
-                               "had risen at most this much (from the lower of the parent's and the reference's), "
-                               "and stops past twice it; no check within it: the run is rejected unmerged; 0: off")
+        0.0, ge=0, description="prefloop's DPO loop stops when the perplexity of the drift monitor (40 medical "
+                               "reference answers apart from the gate's guard set) rose more than this (from the "
+                               "lower of the parent's and the reference's) and keeps the adapter of the last check "
+                               "within it; no check within it: the run is rejected unmerged; 0: off")
     drift_check_steps: int = Field(4, ge=1, description="optimizer steps between drift checks")
     seed: int = Field(42, description="DPO's seed (initialisation, dropout, batch order) and the replay sample's")
     # gate

@@ -232,13 +232,12 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     assert trl.history[0]["rewards/margins"] > 0.05
 
 
-def test_the_drift_budget_keeps_the_adapter_of_the_last_check_within_it(tiny_registry, preferences, tmp_path,
-                                                                       monkeypatch):
-    """max_drift: prefloop's loop measures the drift monitor's perplexity every `drift_check_steps`; a check
-    over the budget does not stop it (the monitor can fall again), one past twice the budget does, and the
-    run ends with the adapter of the last check within the budget (step 0: the parent itself). The tiny
-    model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO, so the
-    runs that must stop script the monitor's readings; the first run measures it for real."""
+def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_within_it(tiny_registry, preferences,
+                                                                                     tmp_path, monkeypatch):
+    """max_drift: prefloop's loop measures the drift monitor's perplexity every `drift_check_steps` and, past
+    the budget, stops and restores the adapter of the last check within it (step 0: the parent itself).
+    The tiny model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO,
+    so the stopping runs script the monitor's readings; the first run measures it for real."""
     from services.trainer.lean_dpo import DriftBudget
     from shared.alignment_data import drift_monitor_conversations, medical_conversations
 
@@ -250,10 +249,10 @@ def test_the_drift_budget_keeps_the_adapter_of_the_last_check_within_it(tiny_reg
     change = {h["step"]: h["drift/perplexity_change"] for h in free.history if "drift/perplexity_change" in h}
     assert free.steps == 6 and sorted(change) == [2, 4, 6] and len(set(change.values())) == 3
     base = AutoModelForCausalLM.from_pretrained(str(parent))
-    # (the monitor's readings: before training, then at steps 2, 4, 6), the last step run, the step kept
-    for readings, end, kept in (([10.0, 10.3, 10.1, 10.3], 6, 4),  # over at 2, back within at 4, over at 6
-                                ([10.0, 10.1, 10.5], 4, 2),  # +5% at step 4: past twice the 2% budget, stop
-                                ([10.0, 10.3, 10.3, 10.3], 6, 0)):  # never within: the parent's weights
+    # (the monitor's readings: before training, then at steps 2, 4, 6), the step it stopped at, the step kept
+    for readings, end, kept in (([10.0, 10.1, 10.15, 10.3], 6, 4),  # over the 2% budget at the last step
+                                ([10.0, 10.1, 10.5], 4, 2),  # over at step 4: stop there
+                                ([10.0, 10.5], 2, 0)):  # over at the first check: the parent's weights
         monitor = iter(readings)
         monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
         result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02), tmp_path / f"end{end}-{kept}")
@@ -314,13 +313,13 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
     metrics = new_registry()
     runner = TrainingRunner(s, ledger, registry, Outbox(tmp_path / "outbox.sqlite", [MODEL_UPDATES], metrics, "mu"),
                             MODEL_UPDATES, metrics)
-    readings = iter([10.0, 10.3, 10.3])  # +3% at steps 2 and 4: over the 2% budget both times
+    readings = iter([10.0, 10.3])  # +3% at step 2, the first check: over the 2% budget
     monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(readings))
     assert runner.new_pair_ids()
     record = runner.run("test")
     assert record.status == "rejected" and record.version is None and record.error is None
     assert record.eval_summary.gate_reasons == ["drift budget: no check within 2.0% of the monitor's perplexity "
-                                                "(step 2 +3.0%, step 4 +3.0%): the parent leaves this round no "
+                                                "(step 2 +3.0%): the parent leaves this round no "
                                                 "room, so nothing was merged or gated"]
     assert set(record.phases) == {"dpo"}  # no merge, save or gate
     assert [m.version for m in registry.list()] == ["v0001"] and registry.current() == "v0001"

@@ -93,14 +93,14 @@ def test_a_demo_seed_draws_every_seeded_sample_afresh_and_seed_0_keeps_the_defau
     assert len(salted) == 3 and delivery_seed("p1", "v0001", 2) == delivery_seed("p1", "v0001", 2)
 
 
-def test_report_says_which_step_the_drift_budget_kept():
+def test_report_says_where_the_drift_budget_stopped_a_run():
     from prefloop.report import _dpo_steps
 
     # ran its plan: the last logged step is the one kept
     ran = {"dpo_steps": 28, "dpo_history": [{"step": 27}, {"step": 28, "drift/perplexity_change": 0.01}]}
     assert _dpo_steps(ran) == "28"
-    # its last check was over the budget: the adapter of step 20, the last check within it, was kept
-    restored = {"dpo_steps": 20, "dpo_history": [{"step": 20, "drift/perplexity_change": 0.031},
-                                                 {"step": 24, "drift/perplexity_change": 0.0432}]}
-    assert _dpo_steps(restored) == "20 of 24 (drift +4.3% at 24)"
+    # stopped: it logged the check past the budget, then restored the adapter of step 20
+    stopped = {"dpo_steps": 20, "dpo_history": [{"step": 20, "drift/perplexity_change": 0.031},
+                                                {"step": 24, "drift/perplexity_change": 0.0432}]}
+    assert _dpo_steps(stopped) == "20 (stopped at 24: drift +4.3%)"
     assert _dpo_steps({}) is None  # the base and SFT versions trained no DPO
