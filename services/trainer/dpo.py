@@ -77,7 +77,7 @@ class DPOJobConfig:
     """recompute activations in the backward pass (TRL's default is on; less memory, one more forward pass per step)"""
     max_drift: float = 0.0
     """prefloop's loop: stop when the drift monitor's perplexity rose more than this and keep the adapter of the
-    last check within it (0: off; lean_dpo.py)"""
+    last check within it (0: off; drift_budget.py)"""
     drift_check_steps: int = 4
     seed: int = 42
     logging_steps: int = 1

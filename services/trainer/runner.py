@@ -29,7 +29,8 @@ from pydantic import BaseModel
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
 from services.trainer.recipes import for_base_model, recipe_name
-from services.trainer.lean_dpo import ReferenceCache, no_room
+from services.trainer.drift_budget import no_room
+from services.trainer.lean_dpo import ReferenceCache
 from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from services.trainer.settings import TrainerSettings

@@ -238,7 +238,7 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     the budget, stops and restores the adapter of the last check within it (step 0: the parent itself).
     The tiny model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO,
     so the stopping runs script the monitor's readings; the first run measures it for real."""
-    from services.trainer.lean_dpo import DriftBudget
+    from services.trainer.drift_budget import DriftBudget
     from shared.alignment_data import drift_monitor_conversations, medical_conversations
 
     parent = ModelRegistry(tiny_registry).verified_path("v0001")
@@ -269,7 +269,7 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
 def test_the_drift_budget_counts_from_the_reference_when_it_is_lower_than_the_parent(tiny_registry):
     """The gate guards the forgetting sets against the parent and against the base: a second round's
     budget is what the first left, so the start is the lower of the parent's and the reference's."""
-    from services.trainer.lean_dpo import DriftBudget
+    from services.trainer.drift_budget import DriftBudget
 
     path = ModelRegistry(tiny_registry).verified_path("v0001")
     tok = AutoTokenizer.from_pretrained(str(path))
@@ -296,7 +296,7 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
     """No check within the budget: the adapter is the parent itself, so the run merges, saves and gates
     nothing (a copy of the parent would tie with it on every question); it is rejected with the
     monitor's readings, and its pairs count as used, like a rejected version's."""
-    from services.trainer.lean_dpo import DriftBudget
+    from services.trainer.drift_budget import DriftBudget
     from services.trainer.runner import TrainingRunner
     from services.trainer.settings import TrainerSettings
     from shared.observability import new_registry
