@@ -53,7 +53,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # A drift budget of 4% (2026-12-02): over four fresh draws (`prefloop demo --seed 0..3`) 28 fixed steps
     # met every goal in 2 of 5 runs (seeds 1 and 2 broke the 5% medical guard, +5.3% to +14%) and 20 steps
     # in 2 of 4 (seeds 2 and 3 short of safety +1.0); 28 steps with a 4% budget on the drift monitor: 3 of 4
-    # measured from the parent, 4 of 5 from the lower of parent and base (runs 62-65, 67; README, "Over draws").
+    # measured from the parent, 4 of 6 from the lower of parent and base (runs 62-65, 67-68; README, "Over draws").
     "smollm2": {"learning_rate": 3e-4, "beta": 0.3, "num_train_epochs": 3.0, "max_steps": 28, "max_drift": 0.04,
                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 384,
                 "lora_target_modules": SEVEN_PROJECTIONS},
