@@ -18,9 +18,9 @@ class DriftBudget:
     check was within it: the runner then rejects the run without merging or gating it). Training on
     past the budget in case the monitor fell back was measured once and not kept: a second round that
     began near the budget read +6.6% at step 4 and +6.7 to +7.3% at every check to step 28. The gate's
-    guard then measures its own set, which no stopping decision saw. Why: with a fixed step count, fresh draws of the same recipe either broke
-    the 5% guard (+5.3% to +14% medical at 28 steps) or fell short of the safety goal at 20 (README,
-    "Over draws")."""
+    guard then measures its own set, which no stopping decision saw. Why: with a fixed step count,
+    fresh draws of the same recipe either broke the 5% guard (+5.3% to +14% medical at 28 steps) or
+    fell short of the safety goal at 20 (README, "Over draws")."""
 
     def __init__(self, model, tokenizer, max_drift: float, autocast: bool, load_reference=None) -> None:
         from shared.alignment_data import drift_monitor_conversations

@@ -203,7 +203,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     budget = DriftBudget(model, tokenizer, config.max_drift, autocast, load_reference) if config.max_drift else None
     model.train()
     history: list[dict] = []
-    kept, step, drift = len(plan), 0, None
+    kept = len(plan)
     for step, items in enumerate(plan, 1):
         logps, counts = pair_logps(model, items, pad, autocast)
         ref = torch.tensor([references[e.pair_id] for e in items])
@@ -230,11 +230,10 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
             history.append(row)
             on_log(row)
         if drift is not None and drift > config.max_drift:
+            kept = budget.restore()
+            log.warning("DPO stopped at step %d of %d: the drift monitor's perplexity rose %+.1f%% (budget %.1f%%); "
+                        "kept the adapter of step %d", step, len(plan), 100 * drift, 100 * config.max_drift, kept)
             break
-    if budget and budget.kept_step != step:  # the last check was over the budget
-        kept = budget.restore()
-        log.warning("DPO stopped at step %d of %d: the drift monitor's perplexity rose %+.1f%% (budget %.1f%%); "
-                    "kept the adapter of step %d", step, len(plan), 100 * drift, 100 * config.max_drift, kept)
     return model, history, kept
 
 

@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
-from services.trainer.recipes import for_base_model, recipe_name
 from services.trainer.drift_budget import no_room
+from services.trainer.recipes import for_base_model, recipe_name
 from services.trainer.lean_dpo import ReferenceCache
 from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
@@ -267,9 +267,10 @@ class TrainingRunner:
                                run_dir, recipe, parent=parent, reference_cache=self.reference_cache,
                                reference=choose_reference(self.registry, parent, tuned.reference))
             if dpo.steps == 0:  # the drift budget kept nothing: the adapter is the parent itself
+                reason = no_room(dpo.history, config.max_drift)
+                log.warning("run %s: rejected before the gate: %s", run_id, reason)
                 return self._finish(record.model_copy(update={"status": "rejected", "eval_summary": EvalSummary(
-                    pairs_trained=len(train), gate_reasons=[no_room(dpo.history, config.max_drift)])}),
-                    run_dir, started, phases)
+                    pairs_trained=len(train), gate_reasons=[reason])}), run_dir, started, phases)
             merged, tok = phases.timed("merge", on_torch_thread, merge_adapter, parent_path, dpo.adapter_dir)
             meta = phases.timed("save", on_torch_thread, self.registry.save, merged, tok, kind="dpo", parent=parent,
                                 base_model=parent_meta.base_model, training_config=dpo.config, snapshot_id=snapshot,
@@ -306,9 +307,6 @@ class TrainingRunner:
         return self._finish(record, run_dir, started, phases)
 
     def _finish(self, record: RunRecord, run_dir: Path, started: float, phases: Phases) -> RunRecord:
-        if record.status == "rejected" and record.version is None:
-            log.warning("run %s: rejected before the gate: %s", record.run_id,
-                        "; ".join(record.eval_summary.gate_reasons))
         seconds = round(time.monotonic() - started, 1)
         log.info("run %s took %.1f s (%s)", record.run_id, seconds,
                  ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
