@@ -215,7 +215,9 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
 
     peft_model, history, steps = train_lora_dpo(model, tok, rows, config, learning_rate=lr,
                                                 parent=reference.version if reference else parent or str(parent_path),
-                                                cache=cache, on_log=on_log, load_reference=load_reference)
+                                                cache=cache, on_log=on_log, load_reference=load_reference,
+                                                load_parent=lambda: AutoModelForCausalLM.from_pretrained(
+                                                    str(parent_path), dtype=torch.float32))
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))  # the adapter only
     return _result(adapter_dir, history, steps, started, config, lr, run_dir)

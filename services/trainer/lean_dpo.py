@@ -171,7 +171,8 @@ def length_grouped(items: list[Encoded], batch: int, seed: int) -> list[list[Enc
 
 
 def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate: float, parent: str,
-                   cache: ReferenceCache | None, on_log, load_reference=None) -> tuple[object, list[dict], int]:
+                   cache: ReferenceCache | None, on_log, load_reference=None,
+                   load_parent=None) -> tuple[object, list[dict], int]:
     """Train a LoRA adapter on `model` (its base frozen) with the DPO loss; returns (peft model,
     history, steps). `config` is a DPOJobConfig; `on_log(row)` gets every logged row. The reference
     is `model` itself (adapters off) unless `load_reference` is given (it returns the reference
@@ -200,7 +201,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup
                                                  else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
                                                                           max(1, len(plan) - warmup))))
-    budget = DriftBudget(model, tokenizer, config.max_drift, autocast, load_reference) if config.max_drift else None
+    budget = DriftBudget(model, tokenizer, config.max_drift, load_reference, load_parent) if config.max_drift else None
     model.train()
     history: list[dict] = []
     kept = len(plan)

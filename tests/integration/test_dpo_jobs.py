@@ -240,6 +240,8 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     so the stopping runs script the monitor's readings; the first run measures it for real."""
     from services.trainer.drift_budget import DriftBudget
     from shared.alignment_data import drift_monitor_conversations, medical_conversations
+    from shared.engine import GenerationEngine
+    from shared.evaluation import perplexity
 
     parent = ModelRegistry(tiny_registry).verified_path("v0001")
     rows = [to_trl_row(p) for p in preferences if p.split == "train"][:12]
@@ -248,6 +250,16 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     free = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=100.0), tmp_path / "free")
     change = {h["step"]: h["drift/perplexity_change"] for h in free.history if "drift/perplexity_change" in h}
     assert free.steps == 6 and sorted(change) == [2, 4, 6] and len(set(change.values())) == 3
+    # each reading is the version the adapter makes, as the gate measures it: merged, saved in the
+    # parent's dtype, loaded by the engine in its own
+    shutil.copytree(tiny_registry, tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry")
+    merged, tok = merge_adapter(parent, free.adapter_dir)
+    child = registry.save(merged, tok, kind="dpo", parent="v0001").version
+    served = {v: perplexity(GenerationEngine.from_registry(registry, v), drift_monitor_conversations())
+              for v in ("v0001", child)}
+    ratio = served[child] / served["v0001"]  # the history rounds to 5 places
+    assert 1 + change[6] == pytest.approx(ratio, abs=6e-6) and abs(change[6]) > 1e-3
     base = AutoModelForCausalLM.from_pretrained(str(parent))
     # (the monitor's readings: before training, then at steps 2, 4, 6), the step it stopped at, the step kept
     for readings, end, kept in (([10.0, 10.1, 10.15, 10.3], 6, 4),  # over the 2% budget at the last step
@@ -280,15 +292,51 @@ def test_the_drift_budget_counts_from_the_reference_when_it_is_lower_than_the_pa
         for p in drifted.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     probe = DriftBudget(get_peft_model(clean, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")),
-                        tok, 0.05, autocast=False)
+                        tok, 0.05)
     low, high = sorted((clean, drifted), key=probe.perplexity)  # the parent: the one the monitor finds worse
     policy = get_peft_model(high, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    alone = DriftBudget(policy, tok, 0.05, autocast=False)
+    alone = DriftBudget(policy, tok, 0.05)
     gap = alone.start / probe.perplexity(low) - 1
-    rooted = DriftBudget(policy, tok, gap / 2, autocast=False, load_reference=lambda: low)
+    rooted = DriftBudget(policy, tok, gap / 2, load_reference=lambda: low)
     assert gap > 0 and rooted.start < alone.start and alone.check(1) == pytest.approx(0, abs=1e-6)
     assert rooted.check(1) == pytest.approx(gap)  # past its budget: the adapter of step 0 stays kept
     assert rooted.kept_step == 0 and alone.kept_step == 1 and policy.training
+
+
+def test_a_drift_check_measures_the_merged_version_and_leaves_the_frozen_weights_as_they_were(tiny_registry,
+                                                                                              tmp_path):
+    """The check merges the adapter into the parent's stored weights (fp32 sum, rounded once to the frozen
+    dtype, the engine's), measures with the adapter path off, and puts the frozen weights and the adapter
+    back as they were."""
+    from services.trainer.drift_budget import DriftBudget
+    from shared.alignment_data import drift_monitor_conversations
+
+    path = ModelRegistry(tiny_registry).verified_path("v0001")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    torch.manual_seed(0)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(str(path), dtype=frozen_dtype()),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    budget = DriftBudget(policy, tok, 1.0, load_parent=lambda: AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32))  # the parent as stored, not rounded to the frozen dtype
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    frozen = {k: v.clone() for k, v in policy.state_dict().items() if "lora_" not in k}
+    ids = torch.tensor([tok.encode("Is it safe to take ibuprofen with a cold?")])
+    with torch.no_grad():
+        before = policy(input_ids=ids).logits
+    reading = budget.check(1)
+    policy.save_pretrained(str(tmp_path / "adapter"))
+    merge_adapter(path, tmp_path / "adapter")[0].save_pretrained(str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=frozen_dtype())  # as served
+    served = DriftBudget(get_peft_model(merged, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")),
+                         tok, 1.0)
+    assert 1 + reading == pytest.approx(served.start / budget.start, rel=1e-9) and abs(reading) > 1e-3
+    assert served.conversations == drift_monitor_conversations() and budget.kept_step == 1
+    assert all(torch.equal(v, frozen[k]) for k, v in policy.state_dict().items() if "lora_" not in k)
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids).logits, before)  # the adapter path is on again
 
 
 def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_registry, preferences, tmp_path,
