@@ -50,11 +50,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     # perplexity +1.0% / +1.7% to 0.843, +1.09, +2.4% / +3.0% (4e-4: 0.795, +1.07, +4.0% / +3.8%, too
     # near the 5% guard); its round 2 at 4e-4 beat its parent 0.766 against 2e-4's 0.638. Demo runs
     # 24-27 at 3e-4: 0.871-0.918 vs the base, safety +1.53..+1.80, perplexity at most +4.5% (README).
-    # A drift budget of 4% (2026-12-02): over four fresh draws (`prefloop demo --seed 0..3`) 28 fixed steps
+    # A drift budget (4.5%; 4% until 2026-12-03): over four fresh draws (`prefloop demo --seed 0..3`) 28 fixed steps
     # met every goal in 2 of 5 runs (seeds 1 and 2 broke the 5% medical guard, +5.3% to +14%) and 20 steps
     # in 2 of 4 (seeds 2 and 3 short of safety +1.0); 28 steps with a 4% budget on the drift monitor: 3 of 4
     # measured from the parent, 4 of 6 from the lower of parent and base (runs 62-65, 67-68; README, "Over draws").
-    "smollm2": {"learning_rate": 3e-4, "beta": 0.3, "num_train_epochs": 3.0, "max_steps": 28, "max_drift": 0.04,
+    # Those checks read the adapter under bf16 autocast, about 15-20% below the version it makes as served
+    # (+2.98% against +3.44%, +3.40% against +4.10%); measured as served (drift_budget.py), 4% met every goal in
+    # 1 of 3 runs (69-71) and 4.5%, about where the old 4% stopped, in 2 of 4 (72-75; seeds 0 and 3 short of
+    # safety +1.0). The gate's 5% guard set read +1.4% to +4.4% against the base on every version they kept.
+    "smollm2": {"learning_rate": 3e-4, "beta": 0.3, "num_train_epochs": 3.0, "max_steps": 28, "max_drift": 0.045,
                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 384,
                 "lora_target_modules": SEVEN_PROJECTIONS},
 }
