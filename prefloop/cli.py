@@ -310,7 +310,7 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), help="directory for report.json, report.md, plots and logs"),
     rounds: int = typer.Option(2, min=1, help="training rounds (each on fresh questions; users give feedback between)"),
     prompts: Optional[int] = typer.Option(None, min=8, help="new training questions per round (default: the "
-                                                            "model's plan, 64 for smollm2, 80 for tiny)"),
+                                                            "model's plan, 96 for smollm2, 80 for tiny)"),
     model: str = typer.Option("smollm2", help=MODEL_HELP),
     seed: int = typer.Option(0, min=0, help="the draw: every sample in the loop is seeded, so a demo repeats its "
                                             "draw; another seed draws candidates, DPO and the gate's answers afresh"),

@@ -19,6 +19,7 @@ three samplings); rubric-margin picks, 15 of them: +0.7% (README, "What the demo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,6 +53,12 @@ class DemoPlan:
     picks: int = 16
     ratings: int = 8
     trainer: dict[str, str] = field(default_factory=dict)
+    judge: dict[str, str] = field(default_factory=dict)
+
+    def env(self, service: str) -> dict[str, str]:
+        """The plan's `PREFLOOP_<SERVICE>_*` settings that the operator's environment does not set: a variable
+        the operator exported wins over the plan, as a set setting wins over a model's recipe."""
+        return {k: v for k, v in getattr(self, service).items() if k not in os.environ}
 
 
 PLANS = {
@@ -60,10 +67,17 @@ PLANS = {
     # 64 of the 110 held-out questions (two answers each, the service's default), 64 + 40 of the forgetting
     # guards' Q/A pairs, shorter answers. Two answers to 64 questions decide the win rate better than one
     # to 80 (README, "The gate"); the smaller guard sets pay for most of the extra answers.
-    "smollm2": DemoPlan(prompts=64, n=4, max_new_tokens=96, trainer={
+    # SmolLM2's rounds: 96 questions x 4 answers, and a pair only where best and worst differ by 4 weighted
+    # rubric points (the judge service's default is 2): about as many pairs as 64 questions at margin 2 gave
+    # (36-46), but nearly all of them for a safety difference (a professional recommended or not) rather than
+    # a point of clarity. Run 76's round 1 retrained (scripts/round_sweep.py, 64 held-out questions x 2
+    # answers): its 77 margin-2 pairs won 0.670 against the base, safety +0.68; the 48 of them with margin 4
+    # 0.837, +1.20, perplexity +1.6% / -0.8%. 128 questions a round met the goals too (runs 77-78) but took
+    # up to 11.8 minutes (README, "Clearer labels").
+    "smollm2": DemoPlan(prompts=96, n=4, max_new_tokens=96, trainer={
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "64", "PREFLOOP_TRAINER_EVAL_SAMPLES": "2",
         "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "64", "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "40",
-        "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96"}),
+        "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96"}, judge={"PREFLOOP_JUDGE_MIN_MARGIN": "4"}),
     "tiny": DemoPlan(prompts=80, n=2, max_new_tokens=64, temperature=0.7, trainer={
         "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "64"}),
 }
@@ -100,7 +114,7 @@ class Demo:
         self.per_round = prompts or self.plan.prompts
         self.stack = Stack(out / "state", model=model, generator_env=draw_env("GENERATOR", seed), trainer_env={
             "PREFLOOP_TRAINER_MIN_NEW_PAIRS": "100000",  # the demo triggers runs itself, once a round is judged
-            **self.plan.trainer, **draw_env("TRAINER", seed)})
+            **self.plan.env("trainer"), **draw_env("TRAINER", seed)}, judge_env=self.plan.env("judge"))
         self.report = DemoReport(rounds=rounds, model=model, seed=seed)
         self.expected_candidates = 0
         sampling = SamplingParams(max_new_tokens=self.plan.max_new_tokens, temperature=self.plan.temperature)

@@ -33,6 +33,7 @@ class Stack:
     """bootstrapped into an empty registry: `tiny`, or a base for `prefloop bootstrap --base`"""
     generator_env: dict[str, str] = field(default_factory=dict)
     trainer_env: dict[str, str] = field(default_factory=dict)
+    judge_env: dict[str, str] = field(default_factory=dict)
     gateway_env: dict[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = SERVICES
     """which services to start (benchmarks start only the gateway)"""
@@ -106,7 +107,7 @@ class Stack:
         if name == "generator":
             env.update(self.generator_env)
         if name == "judge":
-            env[f"{p}CACHE_PATH"] = str(w / "judge-cache.sqlite")
+            env.update({f"{p}CACHE_PATH": str(w / "judge-cache.sqlite"), **self.judge_env})
         if name == "trainer":
             env.update({f"{p}LEDGER_DIR": str(w / "ledger"), f"{p}RUNS_DIR": str(w / "runs"),
                         f"{p}ADMIN_KEY": self.admin_key, **self.trainer_env})

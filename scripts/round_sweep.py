@@ -15,8 +15,9 @@ with its own seeds) and held-out perplexity vs the base on the demo's forgetting
 general 40; `--medical`, `--general`).
 
 A variant is `name:key=value,key=value` over DPOJobConfig's fields (`learning_rate=3e-4`,
-`max_steps=40`, `beta=0.1`), plus `replay=0` (the new pairs only) and `without=user|judge` (leave a
-pair source out). `as-run:` (no keys) retrains the run as it was.
+`max_steps=40`, `beta=0.1`), plus `replay=0` (the new pairs only), `without=user|judge` (leave a
+pair source out) and `margin=4` (only judge pairs whose weighted rubric margin is at least 4).
+`as-run:` (no keys) retrains the run as it was.
 
 usage: .venv/bin/python scripts/round_sweep.py --state DEMO/state --run 2 --samples 4 \
        --variant as-run: --variant lr3:learning_rate=3e-4
@@ -51,6 +52,13 @@ from shared.judging.rubric import score, weighted  # noqa: E402
 from shared.wire import SamplingParams  # noqa: E402
 
 
+def margin(pair) -> float:
+    """The judge's weighted rubric margin of a pair (inf for a pair without scores: a user's, kept)."""
+    if pair.chosen_scores is None or pair.rejected_scores is None:
+        return float("inf")
+    return weighted(pair.chosen_scores) - weighted(pair.rejected_scores)
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, body = text.partition(":")
     return name, dict(kv.split("=", 1) for kv in body.split(",") if kv)
@@ -61,7 +69,7 @@ def apply(config: DPOJobConfig, overrides: dict[str, str]) -> DPOJobConfig:
     fields = {f.name for f in dataclasses.fields(DPOJobConfig)}
     changes = {}
     for key, text in overrides.items():
-        if key in ("replay", "without"):
+        if key in ("replay", "without", "margin"):
             continue
         if key not in fields:
             raise SystemExit(f"unknown setting {key!r}")
@@ -142,7 +150,7 @@ def main() -> None:
     replayed = {e.id for e in pairs[len(pairs) - run["pairs_replay"]:]} if run["pairs_replay"] else set()
     for name, overrides in map(parse_variant, args.variant):
         chosen = [e for e in pairs if not (overrides.get("replay") == "0" and e.id in replayed)
-                  and e.source != overrides.get("without")]
+                  and e.source != overrides.get("without") and margin(e) >= float(overrides.get("margin", "-inf"))]
         variant_config = apply(config, overrides)
         started = time.monotonic()
         dpo = run_dpo(registry.verified_path(parent), [to_trl_row(e) for e in chosen], variant_config,

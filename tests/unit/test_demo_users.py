@@ -69,6 +69,36 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
         assert job.recipe == base and job.resolved_learning_rate(base) == expected.learning_rate
 
 
+def test_the_judge_plan_parses_and_an_exported_setting_wins_over_any_plan(monkeypatch, tmp_path):
+    """The judge ignores unknown PREFLOOP_JUDGE_* variables too; and a variable the operator exported
+    (PREFLOOP_TRAINER_EVAL_SAMPLES=4 prefloop demo) reaches the service instead of the plan's value."""
+    from types import SimpleNamespace
+
+    from prefloop.demo import PLANS
+    from prefloop.stack import SERVICES, Stack
+    from services.judge.settings import JudgeSettings
+
+    fields = {f"PREFLOOP_JUDGE_{name.upper()}" for name in JudgeSettings.model_fields}
+    smollm2 = PLANS["smollm2"]
+    assert set(smollm2.judge) <= fields and PLANS["tiny"].judge == {}
+    monkeypatch.delenv("PREFLOOP_JUDGE_MIN_MARGIN", raising=False)
+    monkeypatch.delenv("PREFLOOP_TRAINER_EVAL_SAMPLES", raising=False)
+    with monkeypatch.context() as env:
+        for key, value in smollm2.env("judge").items():
+            env.setenv(key, value)
+        assert JudgeSettings().min_margin == 4.0 != JudgeSettings.model_fields["min_margin"].default
+    # the local stack hands the plan's judge settings to the judge process alone
+    stack = Stack(tmp_path, judge_env=smollm2.env("judge"), broker=SimpleNamespace(bootstrap="127.0.0.1:9"),
+                  ports=dict.fromkeys(SERVICES, 9))
+    assert {name: stack._env(name).get("PREFLOOP_JUDGE_MIN_MARGIN") for name in SERVICES} == {
+        "generator": None, "judge": "4", "trainer": None, "gateway": None}
+    assert smollm2.env("trainer")["PREFLOOP_TRAINER_EVAL_SAMPLES"] == "2"
+    monkeypatch.setenv("PREFLOOP_TRAINER_EVAL_SAMPLES", "4")
+    monkeypatch.setenv("PREFLOOP_JUDGE_MIN_MARGIN", "2")
+    assert "PREFLOOP_TRAINER_EVAL_SAMPLES" not in smollm2.env("trainer") and smollm2.env("judge") == {}
+    assert smollm2.env("trainer")["PREFLOOP_TRAINER_EVAL_PROMPTS"] == "64"  # the rest of the plan stays
+
+
 def test_a_demo_seed_draws_every_seeded_sample_afresh_and_seed_0_keeps_the_defaults(monkeypatch):
     """`prefloop demo --seed N`: the candidates' seeds, DPO's seed and the gate's answer seeds all move;
     seed 0 sets nothing, so it repeats the draws of every earlier demo."""
