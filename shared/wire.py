@@ -154,11 +154,15 @@ class CandidatesEvent(Event):
 
 
 class PreferenceEvent(Event):
-    """A chosen/rejected pair: a training label. `id` hashes (prompt, chosen, rejected)."""
+    """A chosen/rejected pair: a training label. `id` hashes (prompt, chosen, rejected). Version 2 also
+    says which side was cut at the sampling token limit, so training does not teach the model to end a
+    turn where the sampler stopped it; version 1 records decode as finished answers."""
 
+    SCHEMA_VERSIONS: ClassVar[frozenset[int]] = frozenset({1, 2})
     _id_prefix: ClassVar[str] = "prf"
     _id_fields: ClassVar[tuple[str, ...]] = ("prompt_messages", "chosen", "rejected")
 
+    schema_version: Literal[1, 2] = 2
     prompt_id: str
     prompt_messages: list[ChatMessage] = Field(min_length=1)
     chosen: str = Field(min_length=1)
@@ -172,9 +176,14 @@ class PreferenceEvent(Event):
     rejected_scores: RubricScores | None = None
     policy_version: str = Field(min_length=1)
     split: Literal["train", "eval"] = "train"
+    chosen_cut: bool = False
+    """v2: the chosen answer stopped at the token limit (finish_reason "length"), not by itself"""
+    rejected_cut: bool = False
 
     @model_validator(mode="after")
     def _distinct(self) -> "PreferenceEvent":
+        if self.schema_version == 1 and (self.chosen_cut or self.rejected_cut):
+            raise ValueError("schema_version 1 preferences carry no chosen_cut or rejected_cut")
         if not self.chosen.strip() or not self.rejected.strip():
             raise ValueError("chosen and rejected must not be blank")
         if self.chosen.strip() == self.rejected.strip():

@@ -33,7 +33,8 @@ def feedback_events(served, feedback: FeedbackEvent, topics: dict[str, Topic]) -
         out.append((topics["preferences"], PreferenceEvent(
             producer="gateway", prompt_id=prompt.id, prompt_messages=served.messages, chosen=chosen.text,
             rejected=rejected.text, source="user", judge_id=f"user:{feedback.key_id}", reasoning=feedback.comment,
-            policy_version=served.model_version)))
+            policy_version=served.model_version, chosen_cut=chosen.finish_reason == "length",
+            rejected_cut=rejected.finish_reason == "length")))
     else:
         if feedback.choice_index >= len(served.choices):
             raise FeedbackRejected(f"choice_index {feedback.choice_index} is out of range "

@@ -34,7 +34,8 @@ class JudgeService:
         self.stats = stats
         self.backend = settings.make_backend(on_latency=stats.observe_latency, on_circuit=stats.circuit_changed)
         self.judge = PairwiseJudge(self.backend, VerdictCache(settings.cache_path, settings.cache_max_entries), stats,
-                                   min_margin=settings.min_margin)
+                                   min_margin=settings.min_margin,
+                                   match_finish=settings.match_finish)
         self._producer = producer
         self._preferences, self._abstentions, self._dlq = preferences, abstentions, candidates_dlq
         self._decided: dict[str, Outcome] = {}

@@ -22,3 +22,6 @@ class JudgeSettings(ServiceSettings, JudgeBackendSettings):
     health_log_interval_s: float = Field(60.0, gt=0)
     min_margin: float = Field(2.0, ge=0, description="best and worst candidate must differ by this much in weighted "
                               "rubric score (safety counts double) to become a pair")
+    match_finish: bool = Field(False, description="pair only answers that ended alike (both finished, or both cut at "
+                               "the sampling token limit), so no label rewards an answer for stopping before the "
+                               "limit; with n=2 a prompt whose two answers ended differently gets no pair")

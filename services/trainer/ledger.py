@@ -168,4 +168,5 @@ def to_trl_row(e: PreferenceEvent) -> dict:
         "rejected": [{"role": "assistant", "content": e.rejected}],
         "pair_id": e.id, "prompt_id": e.prompt_id, "source": e.source, "judge_id": e.judge_id,
         "policy_version": e.policy_version, "split": e.split,
+        "chosen_cut": e.chosen_cut, "rejected_cut": e.rejected_cut,
     }

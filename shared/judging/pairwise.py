@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from shared.judging.cache import VerdictCache, verdict_key
 from shared.judging.openai_backend import EndpointUnavailable, JudgeFailure
-from shared.judging.selection import scoring_pairs, weighted_mean
+from shared.judging.selection import comparable_groups, cut_answers, scoring_pairs, weighted_mean
 from shared.judging.stats import JudgeStats
 from shared.wire import CandidatesEvent, ChatMessage, JudgementAbstainedEvent, PairVerdict, PreferenceEvent, RubricScores
 
@@ -64,11 +64,14 @@ class PairResult:
 
 
 class PairwiseJudge:
-    def __init__(self, backend, cache: VerdictCache | None, stats: JudgeStats, min_margin: float = 2.0) -> None:
+    def __init__(self, backend, cache: VerdictCache | None, stats: JudgeStats, min_margin: float = 2.0,
+                 match_finish: bool = False) -> None:
         self.backend = backend
         self.cache = cache
         self.stats = stats
         self.min_margin = min_margin
+        self.match_finish = match_finish
+        """pair only answers that ended alike (see selection.py's `comparable_groups`)"""
 
     async def _verdict(self, conversation: list[ChatMessage], reference: str | None, a: str, b: str) -> PairVerdict:
         key = verdict_key(self.backend.judge_id, conversation, a, b, reference)
@@ -106,6 +109,13 @@ class PairwiseJudge:
                                  f"{len(texts)} distinct non-empty answer(s) among {len(event.candidates)}")
         rated = next(((c.text.strip(), c.user_rating) for c in event.candidates
                       if c.user_rating is not None and c.text.strip()), None)
+        cut = cut_answers(event.candidates)
+        groups = comparable_groups(texts, cut) if self.match_finish and rated is None else [texts]
+        if not groups:
+            return self._abstain(event, "insufficient_candidates",
+                                 f"no two of {len(texts)} distinct answers ended alike ({len(cut)} cut at the token "
+                                 f"limit, {len(texts) - len(cut)} finished): a cut answer is not paired with a "
+                                 f"finished one")
         conversation, reference = event.prompt.messages, event.prompt.reference_answer
         try:
             scoring = await asyncio.gather(*(self.pair(conversation, reference, x, y) for x, y in scoring_pairs(texts)))
@@ -115,7 +125,7 @@ class PairwiseJudge:
                 scores[p.second].append(p.scores(p.second))
             value = {t: weighted_mean(scores[t]) for t in texts}
             if rated is None:
-                ranked = sorted(texts, key=value.get)
+                ranked = max((sorted(g, key=value.get) for g in groups), key=lambda r: value[r[-1]] - value[r[0]])
                 chosen, rejected = ranked[-1], ranked[0]
             else:
                 others = [t for t in texts if t != rated[0]]
@@ -146,6 +156,7 @@ class PairwiseJudge:
             producer="judge", prompt_id=event.prompt_id, prompt_messages=conversation, chosen=chosen,
             rejected=rejected, source="judge" if rated is None else "user", judge_id=self.backend.judge_id,
             reasoning=confirm.reasoning()[:8000], chosen_scores=confirm.scores(chosen),
-            rejected_scores=confirm.scores(rejected), policy_version=event.policy_version, split=event.prompt.split)
+            rejected_scores=confirm.scores(rejected), policy_version=event.policy_version, split=event.prompt.split,
+            chosen_cut=chosen in cut, rejected_cut=rejected in cut)
         self.stats.preferences.inc()
         return Outcome(preference=preference)

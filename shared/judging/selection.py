@@ -11,6 +11,11 @@ of all pairs in both orders (n(n-1)):
 3. confirmation: best vs worst in both orders (reused if they were a scoring pair); only the same
    winner in both orders, and it must be the best, makes a preference.
 
+With `match_finish`, best and worst come from answers that ended alike: both stopped by themselves or both
+cut at the sampling token limit (the group with the wider spread). A cut answer loses to a finished one for
+being cut, and a pair that says so teaches the model to stop sooner, not to answer better (issue #12: at a
+96-token window the chosen side finished far more often than the rejected one, and answers shrank).
+
 A candidate a user rated keeps its side: thumbs-down is the rejected answer against the best other
 candidate, thumbs-up the chosen one against the worst; the judge's confirmation must not say the
 opposite in both orders (a conflict is an abstention, never a label).
@@ -28,13 +33,24 @@ from collections.abc import Awaitable, Callable
 
 from shared.judging.rubric import score as rubric_score
 from shared.judging.rubric import weighted
-from shared.wire import RubricScores
+from shared.wire import Candidate, RubricScores
 
 PairJudgement = Callable[[str, str], Awaitable["object"]]
 
 
 def weighted_mean(scores: list[RubricScores]) -> float:
     return sum(weighted(s) for s in scores) / len(scores)
+
+
+def cut_answers(candidates: list[Candidate]) -> set[str]:
+    """The (stripped) texts that stopped at the token limit; a text sampled twice counts as cut if either was."""
+    return {c.text.strip() for c in candidates if c.finish_reason == "length"}
+
+
+def comparable_groups(texts: list[str], cut: set[str]) -> list[list[str]]:
+    """The answers that ended alike (finished, cut), each group with at least two of them."""
+    groups = [[t for t in texts if t not in cut], [t for t in texts if t in cut]]
+    return [g for g in groups if len(g) >= 2]
 
 
 def scoring_pairs(texts: list[str]) -> list[tuple[str, str]]:

@@ -99,6 +99,23 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
         assert abs(second - float(rows[2].detach())) < 1e-4 * abs(second)
 
 
+def test_an_answer_cut_at_the_token_limit_trains_without_an_end_of_turn(tiny_registry, preferences):
+    """The model never ended a cut answer's turn: its side stops at the last sampled token, the other side
+    keeps the template's end, and the reference cache tells the two encodings apart."""
+    from services.trainer.lean_dpo import encode
+
+    tok = AutoTokenizer.from_pretrained(str(ModelRegistry(tiny_registry).verified_path("v0001")))
+    pair = preferences[0]
+    whole = encode(tok, to_trl_row(pair), 256)
+    cut = encode(tok, to_trl_row(pair.model_copy(update={"chosen_cut": True})), 256)
+    end = [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert whole.chosen[-1:] == end and whole.rejected[-1:] == end
+    assert cut.chosen == whole.chosen[:-1] and cut.rejected == whole.rejected
+    assert tok.decode(cut.chosen[cut.prompt_len:]).strip() == pair.chosen.strip()
+    assert len({whole.pair_id, cut.pair_id, encode(tok, to_trl_row(pair.model_copy(
+        update={"rejected_cut": True})), 256).pair_id}) == 3
+
+
 def test_activation_checkpointing_recomputes_layers_and_trains_the_same(tiny_registry, preferences, tmp_path,
                                                                          monkeypatch):
     """`activation_checkpointing` (TRL's default memory policy, for the like-for-like benchmark row and

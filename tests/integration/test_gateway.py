@@ -121,6 +121,7 @@ def test_feedback_pick_rating_ownership_and_once_only(gateway, kafka):
     pref = read_events(kafka.bootstrap_servers, PREFERENCES.with_prefix(kafka.topic_prefix), 1, 20)[0]
     assert (pref.chosen, pref.rejected, pref.source) == (texts[1], texts[0], "user")
     assert pref.policy_version == "v0001" and pref.judge_id.startswith("user:")
+    assert (pref.chosen_cut, pref.rejected_cut) == tuple(two.choices[i].finish_reason == "length" for i in (1, 0))
 
     one = c.chat.completions.create(model="prefloop", messages=ask("Is my cough serious?"), max_tokens=32)
     r = fb.post("/v1/feedback", json={"response_id": one.id, "choice_index": 0, "rating": -1, "comment": "vague"})

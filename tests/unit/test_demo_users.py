@@ -82,11 +82,13 @@ def test_the_judge_plan_parses_and_an_exported_setting_wins_over_any_plan(monkey
     smollm2 = PLANS["smollm2"]
     assert set(smollm2.judge) <= fields and PLANS["tiny"].judge == {}
     monkeypatch.delenv("PREFLOOP_JUDGE_MIN_MARGIN", raising=False)
+    monkeypatch.delenv("PREFLOOP_JUDGE_MATCH_FINISH", raising=False)
     monkeypatch.delenv("PREFLOOP_TRAINER_EVAL_SAMPLES", raising=False)
     with monkeypatch.context() as env:
         for key, value in smollm2.env("judge").items():
             env.setenv(key, value)
         assert JudgeSettings().min_margin == 4.0 != JudgeSettings.model_fields["min_margin"].default
+        assert JudgeSettings().match_finish and not JudgeSettings.model_fields["match_finish"].default
     # the local stack hands the plan's judge settings to the judge process alone
     stack = Stack(tmp_path, judge_env=smollm2.env("judge"), broker=SimpleNamespace(bootstrap="127.0.0.1:9"),
                   ports=dict.fromkeys(SERVICES, 9))
@@ -95,7 +97,8 @@ def test_the_judge_plan_parses_and_an_exported_setting_wins_over_any_plan(monkey
     assert smollm2.env("trainer")["PREFLOOP_TRAINER_EVAL_SAMPLES"] == "2"
     monkeypatch.setenv("PREFLOOP_TRAINER_EVAL_SAMPLES", "4")
     monkeypatch.setenv("PREFLOOP_JUDGE_MIN_MARGIN", "2")
-    assert "PREFLOOP_TRAINER_EVAL_SAMPLES" not in smollm2.env("trainer") and smollm2.env("judge") == {}
+    assert "PREFLOOP_TRAINER_EVAL_SAMPLES" not in smollm2.env("trainer")
+    assert smollm2.env("judge") == {"PREFLOOP_JUDGE_MATCH_FINISH": "true"}
     assert smollm2.env("trainer")["PREFLOOP_TRAINER_EVAL_PROMPTS"] == "64"  # the rest of the plan stays
 
 

@@ -142,6 +142,33 @@ def test_best_and_worst_closer_than_the_margin_are_no_label():
     assert run(pairwise(ranked({"a": 2, "b": 1}), min_margin=10.0).decide(event("a", "b"))).preference.chosen == "a"
 
 
+def ended_event(**finish):
+    """Candidates named by text, each ending as given: "stop" (finished) or "length" (cut at the limit)."""
+    return CandidatesEvent(producer="generator", prompt=prompt("I have a headache."), policy_version="v0001",
+                           prompt_tokens=5, candidates=[Candidate(text=t, completion_tokens=96 if f == "length" else 40,
+                                                                  finish_reason=f) for t, f in finish.items()])
+
+
+def test_answers_that_ended_differently_are_not_paired_when_the_finish_must_match():
+    rank = {"done_best": 5, "cut_good": 4, "cut_bad": 1, "done_ok": 3}
+    ended = ended_event(done_best="stop", cut_good="length", cut_bad="length", done_ok="stop")
+    plain = run(pairwise(ranked(rank)).decide(ended)).preference
+    assert (plain.chosen, plain.rejected) == ("done_best", "cut_bad")  # finished beats cut: length, not merit
+    assert (plain.chosen_cut, plain.rejected_cut) == (False, True)
+    matched = PairwiseJudge(Scripted(ranked(rank)), None, JudgeStats(new_registry()), min_margin=2.0, match_finish=True)
+    pair = run(matched.decide(ended)).preference
+    assert (pair.chosen, pair.rejected) == ("cut_good", "cut_bad")  # the wider of the two alike groups: 6 > 4
+    assert (pair.chosen_cut, pair.rejected_cut) == (True, True)
+    both_done = PairwiseJudge(Scripted(ranked({"a": 5, "b": 1, "c": 4, "d": 3})), None, JudgeStats(new_registry()),
+                              match_finish=True)
+    finished = run(both_done.decide(ended_event(a="stop", b="stop", c="length", d="length"))).preference
+    assert (finished.chosen, finished.rejected, finished.chosen_cut, finished.rejected_cut) == ("a", "b", False, False)
+    unmatched = PairwiseJudge(Scripted(ranked({"x": 4, "y": 1})), None, JudgeStats(new_registry()), match_finish=True)
+    out = run(unmatched.decide(ended_event(x="stop", y="length")))
+    assert out.preference is None and out.abstention.reason == "insufficient_candidates"
+    assert "1 cut at the token limit, 1 finished" in out.abstention.detail and unmatched.backend.calls == 0
+
+
 def rated_event(texts, rating):
     served = Candidate(text=texts[0], completion_tokens=3, finish_reason="stop", origin="served", user_rating=rating)
     fresh = [Candidate(text=t, completion_tokens=3, finish_reason="stop") for t in texts[1:]]

@@ -66,6 +66,17 @@ def test_content_ids_are_stable_and_content_sensitive():
     assert PromptEvent.model_validate(raw).id == a.id
 
 
+def test_a_version_1_preference_decodes_as_two_finished_answers_and_cannot_claim_a_cut():
+    event = sample_events()[PREFERENCES]
+    body = json.loads(event.model_dump_json(exclude={"chosen_cut", "rejected_cut"}))
+    old = decode(PREFERENCES, json.dumps({**body, "schema_version": 1}).encode())
+    assert old.id == event.id and (old.chosen_cut, old.rejected_cut) == (False, False)
+    with pytest.raises(DecodeError) as info:
+        decode(PREFERENCES, json.dumps({**body, "schema_version": 1, "rejected_cut": True}).encode())
+    assert "carry no chosen_cut" in str(info.value)
+    assert decode(PREFERENCES, json.dumps({**body, "rejected_cut": True}).encode()).rejected_cut
+
+
 def test_a_tampered_id_is_rejected():
     event = sample_events()[PREFERENCES]
     body = json.loads(event.model_dump_json())
