@@ -69,7 +69,7 @@ def child(which: str, parent: Path, data: Path, cache: Path) -> None:
     import torch
 
     from services.trainer.dpo import DPOJobConfig, run_dpo
-    from services.trainer.lean_dpo import ReferenceCache
+    from services.trainer.reference_cache import ReferenceCache
 
     torch.manual_seed(0)
     rows = [json.loads(line) for line in data.read_text().splitlines()]

@@ -53,7 +53,7 @@ def dpo(state: Path, run: int, steps: int, work: Path) -> Iterator[None]:
     from ablate_run import rebuild_run
 
     from services.trainer.dpo import choose_reference, run_dpo
-    from services.trainer.lean_dpo import ReferenceCache
+    from services.trainer.reference_cache import ReferenceCache
     from services.trainer.ledger import to_trl_row
     from services.trainer.recipes import recipe_name
 

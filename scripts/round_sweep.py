@@ -41,9 +41,9 @@ from ablate_run import rebuild_run  # noqa: E402
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo  # noqa: E402
 from services.trainer.gate import eval_prompts  # noqa: E402
-from services.trainer.lean_dpo import ReferenceCache  # noqa: E402
 from services.trainer.ledger import to_trl_row  # noqa: E402
 from services.trainer.recipes import recipe_name  # noqa: E402
+from services.trainer.reference_cache import ReferenceCache  # noqa: E402
 from shared.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from shared.alignment_data import general_conversations, medical_conversations  # noqa: E402
 from shared.evaluation import AnswerCache, Comparison  # noqa: E402

@@ -25,8 +25,9 @@ from datasets.utils.logging import disable_progress_bar
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
-from services.trainer.lean_dpo import ReferenceCache, train_lora_dpo
+from services.trainer.lean_dpo import train_lora_dpo
 from services.trainer.recipes import recipe_learning_rate
+from services.trainer.reference_cache import ReferenceCache
 from services.trainer.sft import fit_trl_logprob_tiles
 from shared.engine import inference_dtype
 from shared.registry import ModelRegistry
@@ -107,6 +108,8 @@ class DPOResult:
     seconds: float
     config: dict
     reward_accuracy_hit_1_at_step: int | None = None
+    drift_monitor: tuple[str, float] | None = None
+    """(monitor key, perplexity) of the version the adapter makes, where a drift budget measured it"""
 
 
 class _MetricsFile(TrainerCallback):
@@ -213,14 +216,15 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
         with open(metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    peft_model, history, steps = train_lora_dpo(model, tok, rows, config, learning_rate=lr,
-                                                parent=reference.version if reference else parent or str(parent_path),
-                                                cache=cache, on_log=on_log, load_reference=load_reference,
-                                                load_parent=lambda: AutoModelForCausalLM.from_pretrained(
-                                                    str(parent_path), dtype=torch.float32))
+    peft_model, history, steps, monitor = train_lora_dpo(
+        model, tok, rows, config, learning_rate=lr, cache=cache, on_log=on_log, load_reference=load_reference,
+        parent=reference.version if reference else parent or str(parent_path), trained_from=parent,
+        load_parent=lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32))
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))  # the adapter only
-    return _result(adapter_dir, history, steps, started, config, lr, run_dir)
+    result = _result(adapter_dir, history, steps, started, config, lr, run_dir)
+    result.drift_monitor = monitor
+    return result
 
 
 def merge_adapter(parent_path: Path, adapter_dir: Path):

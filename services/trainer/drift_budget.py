@@ -3,11 +3,21 @@ would reject it (used by prefloop's loop, services/trainer/lean_dpo.py)."""
 
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
+from typing import Protocol
 
 import torch
 from peft.tuners.lora import LoraLayer
+
+from shared.ids import content_id
+
+
+class MonitorReadings(Protocol):
+    """The monitor's perplexity by (version, monitor key): `lean_dpo.ReferenceCache` keeps them."""
+
+    def perplexity(self, version: str, key: str) -> float | None: ...
+
+    def put_perplexity(self, version: str, key: str, value: float) -> None: ...
 
 
 class DriftBudget:
@@ -24,68 +34,76 @@ class DriftBudget:
     fresh draws of the same recipe either broke the 5% guard (+5.3% to +14% medical at 28 steps) or
     fell short of the safety goal at 20 (README, "Over draws")."""
 
-    def __init__(self, model, tokenizer, max_drift: float, load_reference=None, load_parent=None) -> None:
+    def __init__(self, model, tokenizer, max_drift: float, load_reference=None, load_parent=None, *,
+                 readings: MonitorReadings | None = None, parent: str = "", reference: str = "") -> None:
         """`load_parent()` returns the parent as the registry keeps it (fp32 on a CPU): the served version is
         its weights + the adapter's delta, rounded once to the serving dtype. Without it the frozen weights
-        stand in (exact where they are the stored ones)."""
+        stand in (exact where they are the stored ones). `readings` has the monitor's perplexity of versions
+        measured before (by `parent` and `reference`, their names): a round's parent is the version the
+        previous round's last kept check measured, and its reference (the root) that round's parent."""
         from shared.alignment_data import drift_monitor_conversations
+        from shared.evaluation import PERPLEXITY_METHOD
 
         self.model, self.tokenizer, self.max_drift = model, tokenizer, max_drift
         self.conversations = drift_monitor_conversations()
+        self.key = content_id("monitor", {"c": self.conversations, "m": PERPLEXITY_METHOD,
+                                          "dtype": str(next(model.parameters()).dtype)})
+        self.readings = readings
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        layers = {name.removeprefix("base_model.model.") + ".weight": m for name, m in model.named_modules()
-                  if isinstance(m, LoraLayer)}
-        stored = load_parent().state_dict() if load_parent else {}
-        self.parent_weights = [(layer, (stored[key] if load_parent else layer.get_base_layer().weight.data).float())
-                               for key, layer in layers.items()]
+        self.scratch = load_parent() if load_parent else plain_copy(model.get_base_model())
+        stored = self.scratch.state_dict()
+        self.parent_weights = [(layer, self.scratch.get_submodule(name), stored[name + ".weight"].float())
+                               for name, layer in ((n.removeprefix("base_model.model."), m)
+                                                   for n, m in model.named_modules() if isinstance(m, LoraLayer))]
         del stored
-        self.start = self.perplexity(model.get_base_model())  # the adapters are at zero: the parent
+        dtype = next(model.parameters()).dtype
+        for p in self.scratch.parameters():  # the parent as served (the fp32 weights stay above); buffers as loaded:
+            p.data = p.data.to(dtype)  # `.to(dtype)` would round the rotary frequencies too, as no engine does
+        self.scratch.eval()
+        self.start = self.kept_perplexity = self._known(parent, lambda: self.perplexity(self.scratch))
         if load_reference is not None:
-            self.start = min(self.start, self.perplexity(load_reference().eval()))
+            self.start = min(self.start, self._known(reference, lambda: self.perplexity(load_reference().eval())))
         self.kept_step, self.kept = 0, self._copy()
+
+    def _known(self, version: str, measure) -> float:
+        value = self.readings.perplexity(version, self.key) if self.readings and version else None
+        if value is None:
+            value = measure()
+            if self.readings and version:
+                self.readings.put_perplexity(version, self.key, value)
+        return value
 
     def perplexity(self, model) -> float:
         """The monitor's perplexity under `model` in its weights' own dtype, as the gate's engine computes
         it (no autocast)."""
         from shared.evaluation import perplexity
 
-        training = self.model.training
-        self.model.eval()
-        try:
-            return perplexity(SimpleNamespace(model=model, tokenizer=self.tokenizer), self.conversations)
-        finally:
-            self.model.train(training)
+        return perplexity(SimpleNamespace(model=model, tokenizer=self.tokenizer), self.conversations)
 
     def check(self, step: int) -> float:
         """The monitor's change against the start, measured on the model as it would be served; within the
         budget, the adapter is kept."""
-        with self.served():
-            change = self.perplexity(self.model.get_base_model()) / self.start - 1
+        value = self.perplexity(self.served())
+        change = value / self.start - 1
         if change <= self.max_drift:
-            self.kept_step, self.kept = step, self._copy()
+            self.kept_step, self.kept, self.kept_perplexity = step, self._copy(), value
         return change
 
-    @contextlib.contextmanager
+    @torch.no_grad()
     def served(self):
-        """The version the adapter would make, as `merge_adapter` makes it and the gate's engine loads it (the
-        parent's stored weights + the adapter's delta in fp32, rounded to the frozen weights' dtype: the
-        engine's), with the adapter path off; the frozen weights come back unchanged. Why: measured over the
-        bf16 base with the adapter under autocast, how the loop trains, run 66's round 1 kept step 16 at
-        +3.40% on the monitor, and the version it made read +4.10% as served (+4.32% in fp32): a budget of
-        4% let a round end near the gate's 5% guard. From the frozen bf16 weights instead of the stored ones,
-        the sum is rounded twice, and a test's adapter read 5.60% where its version reads 5.42%."""
-        frozen = [layer.get_base_layer().weight for layer, _ in self.parent_weights]
-        saved = [w.data for w in frozen]
-        try:
-            with torch.no_grad():
-                for (layer, parent), w in zip(self.parent_weights, frozen):
-                    delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
-                    w.data = (parent + delta).to(w.dtype)
-            with self.model.disable_adapter():
-                yield
-        finally:
-            for w, data in zip(frozen, saved):
-                w.data = data
+        """The version the adapter would make, as `merge_adapter` makes it and the gate's engine loads it: a
+        plain copy of the parent whose adapted weights are the parent's stored ones + the adapter's delta in
+        fp32, rounded to the frozen weights' dtype (the engine's). The policy is left as it is, and the copy
+        runs without peft's wrappers: a check took 6.2 s where the policy with its adapters off took 8.2-8.7
+        (SmolLM2, 2 cores). Why as served: measured over the bf16 base with the adapter under autocast, how
+        the loop trains, run 66's round 1 kept step 16 at +3.40% on the monitor, and the version it made read
+        +4.10% as served (+4.32% in fp32): a budget of 4% let a round end near the gate's 5% guard. From the
+        frozen bf16 weights instead of the stored ones, the sum is rounded twice, and a test's adapter read
+        5.60% where its version reads 5.42%."""
+        for layer, target, parent in self.parent_weights:
+            delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
+            target.weight.data = (parent + delta).to(target.weight.dtype)
+        return self.scratch
 
     def restore(self) -> int:
         with torch.no_grad():
@@ -95,6 +113,15 @@ class DriftBudget:
 
     def _copy(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.trainable]
+
+
+def plain_copy(model):
+    """`model` (a peft-wrapped transformers model) without its LoRA layers, in its own dtype."""
+    from transformers import AutoModelForCausalLM
+
+    copy = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+    copy.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k})
+    return copy
 
 
 def no_room(history: list[dict], max_drift: float) -> str:

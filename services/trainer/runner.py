@@ -29,10 +29,10 @@ from pydantic import BaseModel
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
 from services.trainer.drift_budget import no_room
-from services.trainer.recipes import for_base_model, recipe_name
-from services.trainer.lean_dpo import ReferenceCache
 from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
+from services.trainer.recipes import for_base_model, recipe_name
+from services.trainer.reference_cache import ReferenceCache
 from services.trainer.settings import TrainerSettings
 from services.trainer.trigger import trigger_status
 from shared.outbox import Outbox
@@ -277,6 +277,8 @@ class TrainingRunner:
                                 metrics={"dpo_history": dpo.history, "dpo_steps": dpo.steps,
                                          "dpo_seconds": dpo.seconds, "run_id": run_id})
             del merged
+            if dpo.drift_monitor:  # the next round's drift budget starts from this version
+                self.reference_cache.put_perplexity(meta.version, *dpo.drift_monitor)
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
             gate = phases.timed("gate", self.gate.evaluate, meta.version, parent, heldout=heldout,
                                 history=dpo.history, pairs_trained=len(train), settings=tuned)

@@ -57,8 +57,9 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
     """`pair_logps` packs prompt + chosen + rejected into one row (the rejected answer must not see
     the chosen one, its positions restart after the prompt): its log-probs, token counts and LoRA
     gradients equal two ordinary rows per pair, under SDPA's boolean mask and eager's additive one,
-    with pairs of unequal lengths in one batch (padding) and an answer cut to nothing by max_length."""
-    from services.trainer.lean_dpo import Encoded, encode, pair_logps, sequence_logps
+    with pairs of unequal lengths in one batch (padding) and an answer cut to nothing by max_length; and
+    so do they when the tokens every row begins with (the system prompt) run once for the batch."""
+    from services.trainer.lean_dpo import Encoded, encode, pair_logps, sequence_logps, shared_prefix_length
 
     model_dir = str(ModelRegistry(tiny_registry).verified_path("v0001"))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -67,6 +68,7 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
     assert len({len(e.chosen) + len(e.rejected) for e in items}) > 1  # the batch needs padding
     cut = items[0]
     items.append(Encoded("cut", cut.chosen, cut.chosen[:cut.prompt_len], cut.prompt_len))  # empty rejected side
+    assert shared_prefix_length(items) >= 8  # the rows begin alike: the shared path runs
     torch.manual_seed(0)  # the LoRA draws below
     for attention in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention)
@@ -81,18 +83,19 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
             model.zero_grad()
             return flat
 
-        packed, packed_counts = pair_logps(model, items, pad, False)
-        packed.sum().backward()
-        packed_grad = grads()
         rows, counts = sequence_logps(model, [(s, e.prompt_len) for e in items for s in (e.chosen, e.rejected)],
                                       pad, False)
         rows.sum().backward()
         row_grad = grads()
-        assert torch.equal(packed_counts, counts.view(-1, 2)) and packed_counts[-1, 1] == 0
-        assert torch.allclose(packed, rows.view(-1, 2), rtol=1e-5, atol=1e-4), (attention, packed, rows)
-        # elementwise closeness fails on some draws for a near-zero entry (summation order); the error
-        # relative to the gradient's norm is ~1e-6 across seeds, and large when the mask is wrong
-        assert (packed_grad - row_grad).norm() <= 1e-5 * row_grad.norm(), attention
+        for share in (False, True):
+            packed, packed_counts = pair_logps(model, items, pad, False, share_prefix=share)
+            packed.sum().backward()
+            packed_grad = grads()
+            assert torch.equal(packed_counts, counts.view(-1, 2)) and packed_counts[-1, 1] == 0
+            assert torch.allclose(packed, rows.view(-1, 2), rtol=1e-5, atol=1e-4), (attention, share, packed, rows)
+            # elementwise closeness fails on some draws for a near-zero entry (summation order); the error
+            # relative to the gradient's norm is ~1e-6 across seeds, and large when the mask is wrong
+            assert (packed_grad - row_grad).norm() <= 1e-5 * row_grad.norm(), (attention, share)
         # either answer may come second: the chosen one, scored behind the rejected one, is unchanged
         swapped = Encoded("x", items[1].rejected, items[1].chosen, items[1].prompt_len)
         second = float(pair_logps(model, [swapped], pad, False)[0][0, 1].detach())
@@ -143,7 +146,8 @@ def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references
     """The CPU loop's first step sees policy == reference (loss ln 2, zero margins): the cached
     reference log-probs are the parent's own, scored on completion tokens only. A replay reads
     them from the cache instead of recomputing."""
-    from services.trainer.lean_dpo import ReferenceCache, encode, reference_logps, sequence_logps
+    from services.trainer.lean_dpo import encode, reference_logps, sequence_logps
+    from services.trainer.reference_cache import ReferenceCache
     from shared.evaluation import _answer_logps
 
     parent = ModelRegistry(tiny_registry).verified_path("v0001")
@@ -176,13 +180,20 @@ def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references
     other_parent = reference_logps(peft_model, encoded[:1], pad, False, "v0002", cache)
     assert other_parent[encoded[0].pair_id] != (-1.0, -2.0)  # another parent's references are its own
 
+    # max_steps ends the plan inside its first epoch: only the pairs of its one batch meet the reference
+    unseen = [to_trl_row(p) for p in preferences[12:24]]
+    run_dpo(parent, unseen, DPOJobConfig(**{**config.__dict__, "max_steps": 1}), tmp_path / "short", parent="v0001",
+            reference_cache=cache)
+    assert len(cache.get("v0001", [encode(tok, r, 256).pair_id for r in unseen])) == 4
+
 
 def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_round(tiny_registry, preferences,
                                                                                     tmp_path):
     """`reference="root"`: round 2 trains from v0002 against v0001's log-probs, so pairs round 1
     taught start with the margin they won (a parent reference starts every pair at zero) and
     their references come from the cache, keyed by the root."""
-    from services.trainer.lean_dpo import ReferenceCache, encode, sequence_logps
+    from services.trainer.lean_dpo import encode, sequence_logps
+    from services.trainer.reference_cache import ReferenceCache
 
     shutil.copytree(ModelRegistry(tiny_registry).verified_path("v0001"), tmp_path / "registry" / "v0001")
     registry = ModelRegistry(tmp_path / "registry")  # a copy: the session's registry must not grow a child
@@ -389,3 +400,44 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
     assert set(record.phases) == {"dpo"}  # no merge, save or gate
     assert [m.version for m in registry.list()] == ["v0001"] and registry.current() == "v0001"
     assert not runner.new_pair_ids() and runner.trigger_status().consecutive_failures == 0
+
+
+def test_a_versions_drift_monitor_reading_is_kept_and_the_next_round_starts_from_it(tiny_registry, preferences,
+                                                                                   tmp_path, monkeypatch):
+    """The runner keeps the monitor's perplexity of the version a round saves (its last kept check) and of
+    the parent; the next round's budget starts from them without measuring either again, and the kept
+    reading is what measuring the saved version gives."""
+    from services.trainer.drift_budget import DriftBudget
+    from services.trainer.runner import TrainingRunner
+    from services.trainer.settings import TrainerSettings
+    from shared.observability import new_registry
+    from shared.outbox import Outbox
+    from shared.topics import MODEL_UPDATES
+
+    shutil.copytree(tiny_registry, tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry")
+    ledger = PreferenceLedger(tmp_path / "ledger")
+    ledger.append(preferences)
+    s = TrainerSettings(runs_dir=str(tmp_path / "runs"), ledger_dir=str(tmp_path / "ledger"), max_drift=100.0,
+                        drift_check_steps=2, max_steps=4, per_device_train_batch_size=2, learning_rate=2e-2,
+                        gradient_accumulation_steps=1, dpo_implementation="prefloop", eval_prompts=4,
+                        eval_samples=1, medical_reference_size=4, general_reference_size=4, eval_max_new_tokens=8)
+    metrics = new_registry()
+    runner = TrainingRunner(s, ledger, registry, Outbox(tmp_path / "outbox.sqlite", [MODEL_UPDATES], metrics, "mu"),
+                            MODEL_UPDATES, metrics)
+    record = runner.run("test")
+    assert record.version == "v0002" and record.error is None
+    path = registry.verified_path("v0002")
+    tok = AutoTokenizer.from_pretrained(str(path))
+
+    def policy():
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(str(path), dtype=frozen_dtype()),
+                              LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+    measured = DriftBudget(policy(), tok, 1.0)  # the saved version, loaded as the next round loads its parent
+    kept, root = (runner.reference_cache.perplexity(v, measured.key) for v in ("v0002", "v0001"))
+    assert kept == pytest.approx(measured.start, rel=1e-9) and root is not None and kept != root
+    monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: pytest.fail("measured a known version"))
+    cached = DriftBudget(policy(), tok, 1.0, load_reference=lambda: pytest.fail("loaded the reference"),
+                         readings=runner.reference_cache, parent="v0002", reference="v0001")
+    assert cached.start == min(kept, root) and cached.kept_perplexity == kept
