@@ -125,9 +125,15 @@ def test_activation_checkpointing_recomputes_layers_and_trains_the_same(tiny_reg
     big models): the decoder layers run under torch's checkpoint, and training is unchanged."""
     import transformers.modeling_utils as modeling
 
+    from services.trainer import lean_dpo
+
     calls = []
     original = modeling.checkpoint  # what activation_checkpointing_enable wraps each layer's call in
     monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    # the batch's shared system prompt runs once only without checkpointing (transformers returns no cache
+    # under it), and in bf16 that rounds otherwise: both runs score every row whole, so only the memory
+    # policy differs (the shared prompt's equality is test_a_pair_row_scores_both_answers...)
+    monkeypatch.setattr(lean_dpo, "shared_prefix_length", lambda items: 0)
     parent = ModelRegistry(tiny_registry).verified_path("v0001")
     rows = [to_trl_row(p) for p in preferences[:8]]
     histories = {}
