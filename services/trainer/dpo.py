@@ -80,6 +80,9 @@ class DPOJobConfig:
     """prefloop's loop: stop when the drift monitor's perplexity rose more than this and keep the adapter of the
     last check within it (0: off; drift_budget.py)"""
     drift_check_steps: int = 4
+    schedule_tail: float = 0.0
+    """prefloop's loop: leave the cosine schedule's last steps unrun once the learning rate they would still
+    give is at most this share of the schedule's (0: run every step; lean_dpo.tail_cut)"""
     seed: int = 42
     logging_steps: int = 1
     dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"
@@ -148,6 +151,8 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     if config.max_drift:
         log.warning("max_drift %.3f is not applied: the drift budget is prefloop's DPO loop's; TRL trains every "
                     "planned step", config.max_drift)
+    if config.schedule_tail:
+        log.warning("schedule_tail %.3f is not applied: TRL runs the schedule to its end", config.schedule_tail)
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"

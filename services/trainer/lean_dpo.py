@@ -30,6 +30,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -219,17 +220,22 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
         plan = plan[:max(1, round(len(plan) * config.num_train_epochs / epochs))]
     if config.max_steps > 0:
         plan = plan[:config.max_steps]
+    horizon = len(plan)  # the schedule's length; `schedule_tail` may leave its last steps unrun
+    factor = partial(cosine_with_warmup, warmup=math.ceil(config.warmup_ratio * horizon), steps=horizon)
+    if config.schedule_tail:
+        factors = [factor(i) for i in range(horizon)]
+        plan = plan[:tail_cut(factors, config.schedule_tail)]
+        if len(plan) < horizon:
+            log.info("the schedule's last %d of %d steps carry %.1f%% of its learning rate: %d steps run",
+                     horizon - len(plan), horizon, 100 * sum(factors[len(plan):]) / sum(factors), len(plan))
     planned = list({e.pair_id: e for items in plan for e in items}.values())
-    if len(planned) < len(data):  # max_steps ends the plan first: those pairs never meet the reference
+    if len(planned) < len(data):  # the plan ends inside an epoch: those pairs never meet the reference
         log.info("%d of %d pairs are past the plan's %d steps: their reference log-probs are not computed",
                  len(data) - len(planned), len(data), len(plan))
     references = reference_logps(model, planned, pad, autocast, parent, cache, load_reference)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
-    warmup = math.ceil(config.warmup_ratio * len(plan))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup
-                                                 else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
-                                                                          max(1, len(plan) - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     started = time.monotonic()
     budget = DriftBudget(model, tokenizer, config.max_drift, load_reference, load_parent, readings=cache,
                          parent=trained_from, reference=parent if load_reference else "") if config.max_drift else None
@@ -262,7 +268,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
                    "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
                    "logps/chosen": logps[:, 0].mean().item(), "logps/rejected": logps[:, 1].mean().item(),
-                   "epoch": round(step / max(1, len(plan)) * config.num_train_epochs, 3),
+                   "epoch": round(step / max(1, horizon) * config.num_train_epochs, 3),
                    **({"drift/perplexity_change": round(drift, 5)} if drift is not None else {})}
             history.append(row)
             on_log(row)
@@ -274,6 +280,26 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     log.info("DPO: %d steps in %.1fs, the drift budget's start and %d checks in %.1fs", step,
              time.monotonic() - started - checking, checks, checking)
     return model, history, kept, (budget.key, budget.kept_perplexity) if budget else None
+
+
+def cosine_with_warmup(step: int, *, warmup: int, steps: int) -> float:
+    """The learning rate's factor at optimizer step `step` (0-based) of `steps`: TRL's default schedule."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def tail_cut(factors: list[float], tail: float) -> int:
+    """How many of the schedule's steps to run: the fewest whose remaining steps' learning rate adds up to
+    at most `tail` of the whole schedule's (at least one step). A cosine's last steps move the weights
+    little: steps 21-28 of 28 carry 4.2% of its learning rate, and in demo run 95 the drift monitor
+    moved +3.2% to +3.7% over them while each step cost 5.4 s."""
+    total, left = sum(factors), 0.0
+    for run in range(len(factors), 0, -1):
+        left += factors[run - 1]
+        if left > tail * total:
+            return run
+    return max(1, len(factors))
 
 
 @torch.no_grad()

@@ -66,6 +66,9 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
                                "lower of the parent's and the reference's) and keeps the adapter of the last check "
                                "within it; no check within it: the run is rejected unmerged; 0: off")
     drift_check_steps: int = Field(4, ge=1, description="optimizer steps between drift checks")
+    schedule_tail: float = Field(0.0, ge=0, lt=1, description="prefloop's DPO loop leaves the cosine schedule's last "
+                                 "steps unrun once the learning rate they would still give is at most this share of "
+                                 "the schedule's (0.05 of 28 steps: 20 run); 0: every step")
     seed: int = Field(42, description="DPO's seed (initialisation, dropout, batch order) and the replay sample's")
     # gate
     min_win_ci_lower: float = Field(0.5, ge=-1, le=1, description="promote only when the lower bound of the 95% CI "

@@ -166,6 +166,12 @@ def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references
     assert result.steps == 9 and result.config["implementation"] == "prefloop"
     assert abs(first["loss"] - 0.6931) < 2e-3 and abs(first["rewards/margins"]) < 1e-2
     assert last["loss"] < first["loss"] and last["rewards/margins"] > 0.05
+    # schedule_tail leaves the cosine's last steps unrun: the steps that run are the full schedule's own
+    tail = run_dpo(parent, rows, DPOJobConfig(**{**config.__dict__, "schedule_tail": 0.1}), tmp_path / "tail",
+                   parent="v0001", reference_cache=cache)
+    assert tail.steps == len(tail.history) == 6  # of 9 steps; the last three carry 9.0% of the schedule's rate
+    assert [h["learning_rate"] for h in tail.history] == [h["learning_rate"] for h in result.history[:6]]
+    assert [h["loss"] for h in tail.history] == [h["loss"] for h in result.history[:6]]
 
     model, tok = AutoModelForCausalLM.from_pretrained(str(parent)), AutoTokenizer.from_pretrained(str(parent))
     encoded = [encode(tok, r, 256) for r in rows[:3]]

@@ -46,7 +46,8 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
     # but for the changes made on purpose since (SmolLM2: 3 epochs, README's runs 10-11; the gate on 64
     # questions with two answers each and guard sets of 64 + 40 instead of 80 x 1 and 100 + 60, run 20 on;
     # lr 3e-4 instead of 2e-4, run 24 on; the tiny model's length guard 100% instead of 20%, 2026-12-02;
-    # SmolLM2's drift budget, 4% from run 58 on, 4.5% measured as served from run 72 on).
+    # SmolLM2's drift budget, 4% from run 58 on, 4.5% measured as served from run 72 on; the schedule's last
+    # 5% of learning rate unrun, run 98 on).
     smollm2_before = {
         "PREFLOOP_TRAINER_NUM_TRAIN_EPOCHS": "3", "PREFLOOP_TRAINER_BETA": "0.3", "PREFLOOP_TRAINER_MAX_STEPS": "28",
         "PREFLOOP_TRAINER_REFERENCE": "root", "PREFLOOP_TRAINER_EVAL_PROMPTS": "64", "PREFLOOP_TRAINER_EVAL_SAMPLES": "2",
@@ -56,7 +57,7 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
         "PREFLOOP_TRAINER_PER_DEVICE_TRAIN_BATCH_SIZE": "4", "PREFLOOP_TRAINER_GRADIENT_ACCUMULATION_STEPS": "1",
         "PREFLOOP_TRAINER_MAX_LENGTH": "384", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "96",
         "PREFLOOP_TRAINER_LEARNING_RATE": "3e-4",
-        "PREFLOOP_TRAINER_MAX_DRIFT": "0.045"}  # now from recipes.RECIPES, by base model
+        "PREFLOOP_TRAINER_MAX_DRIFT": "0.045", "PREFLOOP_TRAINER_SCHEDULE_TAIL": "0.05"}  # now from recipes.RECIPES
     tiny_before = {"PREFLOOP_TRAINER_MAX_PERPLEXITY_INCREASE": "0.15", "PREFLOOP_TRAINER_EVAL_MAX_NEW_TOKENS": "64",
                    "PREFLOOP_TRAINER_LEARNING_RATE": "2e-3", "PREFLOOP_TRAINER_MAX_LENGTH_DRIFT": "1.0"}
     for plan, base, before in (("smollm2", "smollm2", smollm2_before), ("tiny", TINY_BASE, tiny_before)):

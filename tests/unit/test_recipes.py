@@ -28,6 +28,7 @@ def test_smollm2_trains_on_its_recipe_not_on_seed_001s_llama_settings():
     assert (default.beta, default.learning_rate, default.lora_target_modules) == (0.1, None, ["q_proj", "v_proj"])
     tuned, job = run_settings(default, "smollm2")
     assert (job.beta, job.learning_rate, job.num_train_epochs, job.max_steps) == (0.3, 3e-4, 3.0, 28)
+    assert job.schedule_tail == 0.05  # a 28-step schedule, its first 20 steps run (test_schedule_tail below)
     assert (job.per_device_train_batch_size, job.gradient_accumulation_steps, job.max_length) == (4, 1, 384)
     assert len(job.lora_target_modules) == 7 and job.recipe == "smollm2"
     assert tuned.max_perplexity_increase == 0.05  # the 5% forgetting guard stays for a real model
@@ -92,3 +93,16 @@ def test_a_base_model_is_known_by_preset_file_digest_or_hub_name(meta, recipe):
     # a job built directly (benchmarks, scripts/ablate_run.py) takes the same recipe's rate by the same name
     expected = {"smollm2": 3e-4, TINY_BASE: 2e-3}.get(recipe, 5e-5)
     assert DPOJobConfig().resolved_learning_rate(recipe_name(meta.base_model, meta.source)) == expected
+
+
+def test_schedule_tail_leaves_unrun_only_steps_whose_learning_rate_adds_up_to_at_most_its_share():
+    from services.trainer.lean_dpo import cosine_with_warmup, tail_cut
+
+    assert tail_cut([1.0, 1.0, 1.0, 1.0], 0.25) == 3  # the last step is exactly a quarter: left unrun
+    assert tail_cut([1.0, 1.0, 1.0, 1.0], 0.24) == 4
+    assert tail_cut([1.0, 0.0, 0.0], 0.0) == 1  # steps at a zero rate move nothing
+    assert tail_cut([1.0], 0.99) == 1  # a schedule always runs its first step
+    smollm2 = [cosine_with_warmup(i, warmup=1, steps=28) for i in range(28)]
+    assert smollm2[0] == 1.0 and smollm2[1] == 1.0 and smollm2[-1] < 0.01  # warmup 1, then a cosine over 27
+    assert tail_cut(smollm2, 0.05) == 20 and tail_cut(smollm2, 0.0) == 28
+    assert 0.04 < sum(smollm2[20:]) / sum(smollm2) <= 0.05 < sum(smollm2[19:]) / sum(smollm2)
