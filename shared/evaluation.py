@@ -137,16 +137,28 @@ class AnswerCache:
 
     def perplexity(self, engine: GenerationEngine, conversations: list[list[dict]]) -> float:
         """`perplexity()` once per (weights, set): a parent's value was its own gate's candidate value."""
-        key = content_id("ppl", {"v": engine.weights_id or engine.version, "c": conversations, "dtype": str(engine.dtype),
-                                 "m": PERPLEXITY_METHOD})
+        key = perplexity_key(engine.weights_id or engine.version, conversations, engine.dtype)
+        value = self.known_perplexity(key)
+        if value is None:
+            value = on_torch_thread(perplexity, engine, conversations)
+            self.keep_perplexity(key, value)
+        return value
+
+    def known_perplexity(self, key: str) -> float | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM perplexity WHERE key = ?", (key,)).fetchone()
-        if row:
-            return row[0]
-        value = on_torch_thread(perplexity, engine, conversations)
+        return row[0] if row else None
+
+    def keep_perplexity(self, key: str, value: float) -> None:
+        """A value measured elsewhere as `perplexity()` measures it (DPO's drift budget: a version's
+        reading, taken before the version was saved)."""
         with self._lock, self._db:
             self._db.execute("INSERT OR REPLACE INTO perplexity VALUES (?, ?)", (key, value))
-        return value
+
+
+def perplexity_key(weights: str, conversations: list[list[dict]], dtype) -> str:
+    """`weights`: a registry weights id (or a version name where there is none)."""
+    return content_id("ppl", {"v": weights, "c": conversations, "dtype": str(dtype), "m": PERPLEXITY_METHOD})
 
 
 def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: SamplingParams,

@@ -9,15 +9,21 @@ from typing import Protocol
 import torch
 from peft.tuners.lora import LoraLayer
 
-from shared.ids import content_id
-
 
 class MonitorReadings(Protocol):
-    """The monitor's perplexity by (version, monitor key): `lean_dpo.ReferenceCache` keeps them."""
+    """Perplexities by `shared.evaluation.perplexity_key`: the gate's `AnswerCache` keeps them."""
 
-    def perplexity(self, version: str, key: str) -> float | None: ...
+    def known_perplexity(self, key: str) -> float | None: ...
 
-    def put_perplexity(self, version: str, key: str, value: float) -> None: ...
+    def keep_perplexity(self, key: str, value: float) -> None: ...
+
+
+def monitor_key(weights: str, dtype) -> str:
+    """The key of the drift monitor's perplexity under the weights with id `weights` in `dtype`."""
+    from shared.alignment_data import drift_monitor_conversations
+    from shared.evaluation import perplexity_key
+
+    return perplexity_key(weights, drift_monitor_conversations(), dtype)
 
 
 class DriftBudget:
@@ -39,15 +45,14 @@ class DriftBudget:
         """`load_parent()` returns the parent as the registry keeps it (fp32 on a CPU): the served version is
         its weights + the adapter's delta, rounded once to the serving dtype. Without it the frozen weights
         stand in (exact where they are the stored ones). `readings` has the monitor's perplexity of versions
-        measured before (by `parent` and `reference`, their names): a round's parent is the version the
-        previous round's last kept check measured, and its reference (the root) that round's parent."""
+        measured before (`parent` and `reference`: their registry weights ids): a round's parent is the
+        version the previous round's last kept check measured, and its reference (the root) that round's
+        parent."""
         from shared.alignment_data import drift_monitor_conversations
-        from shared.evaluation import PERPLEXITY_METHOD
 
         self.model, self.tokenizer, self.max_drift = model, tokenizer, max_drift
         self.conversations = drift_monitor_conversations()
-        self.key = content_id("monitor", {"c": self.conversations, "m": PERPLEXITY_METHOD,
-                                          "dtype": str(next(model.parameters()).dtype)})
+        self.dtype = next(model.parameters()).dtype
         self.readings = readings
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.scratch = load_parent() if load_parent else plain_copy(model.get_base_model())
@@ -56,21 +61,21 @@ class DriftBudget:
                                for name, layer in ((n.removeprefix("base_model.model."), m)
                                                    for n, m in model.named_modules() if isinstance(m, LoraLayer))]
         del stored
-        dtype = next(model.parameters()).dtype
         for p in self.scratch.parameters():  # the parent as served (the fp32 weights stay above); buffers as loaded:
-            p.data = p.data.to(dtype)  # `.to(dtype)` would round the rotary frequencies too, as no engine does
+            p.data = p.data.to(self.dtype)  # `.to(dtype)` would round the rotary frequencies too, as no engine does
         self.scratch.eval()
         self.start = self.kept_perplexity = self._known(parent, lambda: self.perplexity(self.scratch))
         if load_reference is not None:
             self.start = min(self.start, self._known(reference, lambda: self.perplexity(load_reference().eval())))
         self.kept_step, self.kept = 0, self._copy()
 
-    def _known(self, version: str, measure) -> float:
-        value = self.readings.perplexity(version, self.key) if self.readings and version else None
+    def _known(self, weights: str, measure) -> float:
+        key = monitor_key(weights, self.dtype) if self.readings and weights else None
+        value = self.readings.known_perplexity(key) if key else None
         if value is None:
             value = measure()
-            if self.readings and version:
-                self.readings.put_perplexity(version, self.key, value)
+            if key:
+                self.readings.keep_perplexity(key, value)
         return value
 
     def perplexity(self, model) -> float:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from services.trainer.drift_budget import DriftBudget
+from services.trainer.drift_budget import DriftBudget, MonitorReadings
 from services.trainer.reference_cache import ReferenceCache
 from shared.evaluation import SHARED_PREFIX_MIN
 from shared.ids import content_id
@@ -197,13 +197,15 @@ def length_grouped(items: list[Encoded], batch: int, seed: int) -> list[list[Enc
 
 def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate: float, parent: str,
                    cache: ReferenceCache | None, on_log, load_reference=None, load_parent=None,
-                   trained_from: str = "") -> tuple[object, list[dict], int, tuple[str, float] | None]:
+                   readings: MonitorReadings | None = None, weights: tuple[str, str] = ("", "")
+                   ) -> tuple[object, list[dict], int, tuple[str, float] | None]:
     """Train a LoRA adapter on `model` (its base frozen) with the DPO loss; returns (peft model,
-    history, steps, the drift monitor's (key, perplexity) of the version the kept adapter makes, or None
-    without a drift budget). `config` is a DPOJobConfig; `on_log(row)` gets every logged row. The reference
-    is `model` itself (adapters off) unless `load_reference` is given (it returns the reference
-    model; called only when the cache lacks some log-probs); `parent` names the reference in the
-    cache either way, `trained_from` the version `model` is (the monitor's readings are cached by it)."""
+    history, steps, the drift monitor's (`monitor_key` dtype, perplexity) of the version the kept adapter
+    makes, or None without a drift budget). `config` is a DPOJobConfig; `on_log(row)` gets every logged
+    row. The reference is `model` itself (adapters off) unless `load_reference` is given (it returns the
+    reference model; called only when the cache lacks some log-probs); `parent` names the reference in
+    the cache either way. `readings` has the monitor's perplexities by weights: `weights` are the ids of
+    the version `model` is and of the reference."""
     torch.manual_seed(config.seed)
     autocast = next(model.parameters()).dtype == torch.bfloat16
     if config.activation_checkpointing:  # applies in train mode only: the reference pass keeps nothing anyway
@@ -237,8 +239,8 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     started = time.monotonic()
-    budget = DriftBudget(model, tokenizer, config.max_drift, load_reference, load_parent, readings=cache,
-                         parent=trained_from, reference=parent if load_reference else "") if config.max_drift else None
+    budget = DriftBudget(model, tokenizer, config.max_drift, load_reference, load_parent, readings=readings,
+                         parent=weights[0], reference=weights[1] if load_reference else "") if config.max_drift else None
     model.train()
     history: list[dict] = []
     kept, step = len(plan), 0
@@ -279,7 +281,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
             break
     log.info("DPO: %d steps in %.1fs, the drift budget's start and %d checks in %.1fs", step,
              time.monotonic() - started - checking, checks, checking)
-    return model, history, kept, (budget.key, budget.kept_perplexity) if budget else None
+    return model, history, kept, (str(budget.dtype), budget.kept_perplexity) if budget else None
 
 
 def cosine_with_warmup(step: int, *, warmup: int, steps: int) -> float:

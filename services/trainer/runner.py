@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
-from services.trainer.drift_budget import no_room
+from services.trainer.drift_budget import monitor_key, no_room
 from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from services.trainer.recipes import for_base_model, recipe_name
@@ -265,7 +265,8 @@ class TrainingRunner:
             tuned, config = run_settings(s, recipe)
             dpo = phases.timed("dpo", on_torch_thread, run_dpo, parent_path, [to_trl_row(e) for e in train], config,
                                run_dir, recipe, parent=parent, reference_cache=self.reference_cache,
-                               reference=choose_reference(self.registry, parent, tuned.reference))
+                               reference=choose_reference(self.registry, parent, tuned.reference),
+                               readings=self.gate.answers, parent_weights=self.registry.weights_id(parent))
             if dpo.steps == 0:  # the drift budget kept nothing: the adapter is the parent itself
                 reason = no_room(dpo.history, config.max_drift)
                 log.warning("run %s: rejected before the gate: %s", run_id, reason)
@@ -278,7 +279,8 @@ class TrainingRunner:
                                          "dpo_seconds": dpo.seconds, "run_id": run_id})
             del merged
             if dpo.drift_monitor:  # the next round's drift budget starts from this version
-                self.reference_cache.put_perplexity(meta.version, *dpo.drift_monitor)
+                dtype, value = dpo.drift_monitor
+                self.gate.answers.keep_perplexity(monitor_key(self.registry.weights_id(meta.version), dtype), value)
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
             gate = phases.timed("gate", self.gate.evaluate, meta.version, parent, heldout=heldout,
                                 history=dpo.history, pairs_trained=len(train), settings=tuned)

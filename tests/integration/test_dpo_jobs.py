@@ -384,7 +384,7 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
     """No check within the budget: the adapter is the parent itself, so the run merges, saves and gates
     nothing (a copy of the parent would tie with it on every question); it is rejected with the
     monitor's readings, and its pairs count as used, like a rejected version's."""
-    from services.trainer.drift_budget import DriftBudget
+    from services.trainer.drift_budget import DriftBudget, monitor_key
     from services.trainer.runner import TrainingRunner
     from services.trainer.settings import TrainerSettings
     from shared.observability import new_registry
@@ -417,9 +417,9 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
 def test_a_versions_drift_monitor_reading_is_kept_and_the_next_round_starts_from_it(tiny_registry, preferences,
                                                                                    tmp_path, monkeypatch):
     """The runner keeps the monitor's perplexity of the version a round saves (its last kept check) and of
-    the parent; the next round's budget starts from them without measuring either again, and the kept
-    reading is what measuring the saved version gives."""
-    from services.trainer.drift_budget import DriftBudget
+    the parent with the gate's perplexities (by weights id); the next round's budget starts from them
+    without measuring either again, and the kept reading is what measuring the saved version gives."""
+    from services.trainer.drift_budget import DriftBudget, monitor_key
     from services.trainer.runner import TrainingRunner
     from services.trainer.settings import TrainerSettings
     from shared.observability import new_registry
@@ -447,9 +447,10 @@ def test_a_versions_drift_monitor_reading_is_kept_and_the_next_round_starts_from
                               LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
 
     measured = DriftBudget(policy(), tok, 1.0)  # the saved version, loaded as the next round loads its parent
-    kept, root = (runner.reference_cache.perplexity(v, measured.key) for v in ("v0002", "v0001"))
+    ids = {v: registry.weights_id(v) for v in ("v0002", "v0001")}  # kept with the gate's, by weights
+    kept, root = (runner.gate.answers.known_perplexity(monitor_key(ids[v], measured.dtype)) for v in ids)
     assert kept == pytest.approx(measured.start, rel=1e-9) and root is not None and kept != root
     monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: pytest.fail("measured a known version"))
     cached = DriftBudget(policy(), tok, 1.0, load_reference=lambda: pytest.fail("loaded the reference"),
-                         readings=runner.reference_cache, parent="v0002", reference="v0001")
+                         readings=runner.gate.answers, parent=ids["v0002"], reference=ids["v0001"])
     assert cached.start == min(kept, root) and cached.kept_perplexity == kept
