@@ -233,7 +233,8 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
     peft_model, history, steps, monitor = train_lora_dpo(
         model, tok, rows, config, learning_rate=lr, cache=cache, on_log=on_log, load_reference=load_reference,
         parent=reference.version if reference else parent or str(parent_path), readings=readings,
-        weights=(parent_weights, reference.weights_id if reference else ""), load_parent=lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32))
+        weights=(parent_weights, reference.weights_id if reference else ""),
+        load_parent=lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32))
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))  # the adapter only
     result = _result(adapter_dir, history, steps, started, config, lr, run_dir)

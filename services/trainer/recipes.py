@@ -58,6 +58,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # (+2.98% against +3.44%, +3.40% against +4.10%); measured as served (drift_budget.py), 4% met every goal in
     # 1 of 3 runs (69-71) and 4.5%, about where the old 4% stopped, in 2 of 4 (72-75; seeds 0 and 3 short of
     # safety +1.0). The gate's 5% guard set read +1.4% to +4.4% against the base on every version they kept.
+    # schedule_tail 0.05: the 28-step schedule's first 20 steps run (the last 8 carry 4.4% of its rate and
+    # cost about 55 s a round); beta 0.6 and a 5.5% budget were tried in runs 100-102, not kept (README,
+    # "The schedule's tail").
     "smollm2": {"learning_rate": 3e-4, "beta": 0.3, "num_train_epochs": 3.0, "max_steps": 28, "max_drift": 0.045,
                 "schedule_tail": 0.05,
                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 384,

@@ -101,7 +101,7 @@ def test_schedule_tail_leaves_unrun_only_steps_whose_learning_rate_adds_up_to_at
     assert tail_cut([1.0, 1.0, 1.0, 1.0], 0.25) == 3  # the last step is exactly a quarter: left unrun
     assert tail_cut([1.0, 1.0, 1.0, 1.0], 0.24) == 4
     assert tail_cut([1.0, 0.0, 0.0], 0.0) == 1  # steps at a zero rate move nothing
-    assert tail_cut([1.0], 0.99) == 1  # a schedule always runs its first step
+    assert tail_cut([1.0], 0.99) == 1 and tail_cut([0.0, 0.0], 0.5) == 1  # a schedule runs its first step
     smollm2 = [cosine_with_warmup(i, warmup=1, steps=28) for i in range(28)]
     assert smollm2[0] == 1.0 and smollm2[1] == 1.0 and smollm2[-1] < 0.01  # warmup 1, then a cosine over 27
     assert tail_cut(smollm2, 0.05) == 20 and tail_cut(smollm2, 0.0) == 28
