@@ -70,7 +70,11 @@ def rebuild_run(state: Path, run_no: int, work_root: Path) -> tuple[DPOJobConfig
     """Run `run_no` (1-based) of `state`: its DPO config, its pairs in training order, its record, and a
     private registry holding its parent's lineage (nothing is ever written into `state`), in `work`."""
     runs, source = finished_runs(state), ModelRegistry(state / "registry")
-    fields = source.get(runs[run_no - 1]["version"]).training_config
+    record = runs[run_no - 1]
+    # a run rejected before the gate saved no version: its parent's configuration is the loop's
+    fields = source.get(record["version"] or record["parent"]).training_config
+    if not fields:
+        raise SystemExit(f"run {run_no}: neither it nor its parent {record['parent']} was trained by a run")
     config = DPOJobConfig(**{k: v for k, v in fields.items() if k in DPOJobConfig.__dataclass_fields__})
     pairs, run = run_pairs(state, run_no - 1, runs, config.seed)
     work = work_root / f"{state.resolve().name}-run{run_no}"

@@ -83,6 +83,9 @@ class DPOJobConfig:
     """prefloop's loop: stop when the drift monitor's perplexity rose more than this and keep the adapter of the
     last check within it (0: off; drift_budget.py)"""
     drift_check_steps: int = 4
+    drift_patience: int = 0
+    """prefloop's loop: how many checks in a row past the budget it trains on through before it stops (a check
+    back within the budget is kept; 0: stop at the first)"""
     schedule_tail: float = 0.0
     """prefloop's loop: leave the cosine schedule's last steps unrun once the learning rate they would still
     give is at most this share of the schedule's (0: run every step; lean_dpo.tail_cut)"""

@@ -31,14 +31,16 @@ class DriftBudget:
     apart from the gate's guard set: `drift_monitor_conversations`) under the version the adapter would make,
     against the lower of the parent's (the adapter at zero) and the reference's when that is another
     version (the lineage's root by default): the gate guards against both, so a second round spends
-    what the first left of the budget. A check within the budget keeps a copy of the adapter; the first
-    check past it stops the run and restores the last kept copy (step 0, the parent itself, when no
-    check was within it: the runner then rejects the run without merging or gating it). Training on
-    past the budget in case the monitor fell back was measured once and not kept: a second round that
-    began near the budget read +6.6% at step 4 and +6.7 to +7.3% at every check to step 28. The gate's
+    what the first left of the budget (an operator can give first rounds a smaller one: `first_round_max_drift`). A
+    check within the budget keeps a copy of the adapter; more than `drift_patience` checks past it in a
+    row, or one at the last step, stop the run and restore the last kept copy (step 0, the parent itself,
+    when no check was within it: the runner then rejects the run without merging or gating it). Why the
+    patience: a second round, anchored to the root, can jump at its first check and come back (run 98's,
+    retrained without a budget at lr 1e-4: +4.70%, then +4.01% to +4.23% to step 20), where another
+    climbed on (+6.6% at step 4, +6.7 to +7.3% to step 28). The gate's
     guard then measures its own set, which no stopping decision saw. Why: with a fixed step count,
     fresh draws of the same recipe either broke the 5% guard (+5.3% to +14% medical at 28 steps) or
-    fell short of the safety goal at 20 (README, "Over draws")."""
+    fell short of the safety goal at 20 (docs/alignment-log.md, "Over draws")."""
 
     def __init__(self, model, tokenizer, max_drift: float, load_reference=None, load_parent=None, *,
                  readings: MonitorReadings | None = None, parent: str = "", reference: str = "") -> None:

@@ -245,7 +245,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
                          parent=weights[0], reference=weights[1] if load_reference else "") if config.max_drift else None
     model.train()
     history: list[dict] = []
-    kept, step = len(plan), 0
+    kept, step, over = len(plan), 0, 0
     checking, checks = time.monotonic() - started, 0  # the budget's start is the first reading
     for step, items in enumerate(plan, 1):
         logps, counts = pair_logps(model, items, pad, autocast, share_prefix=not config.activation_checkpointing)
@@ -276,7 +276,15 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
                    **({"drift/perplexity_change": round(drift, 5)} if drift is not None else {})}
             history.append(row)
             on_log(row)
-        if drift is not None and drift > config.max_drift:
+        if drift is None:
+            continue
+        if drift <= config.max_drift:
+            if over:
+                log.info("the drift monitor is back within the budget at step %d (%+.1f%%)", step, 100 * drift)
+            over = 0
+            continue
+        over += 1
+        if over > config.drift_patience or step == len(plan):
             kept = budget.restore()
             log.warning("DPO stopped at step %d of %d: the drift monitor's perplexity rose %+.1f%% (budget %.1f%%); "
                         "kept the adapter of step %d", step, len(plan), 100 * drift, 100 * config.max_drift, kept)

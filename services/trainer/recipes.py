@@ -2,7 +2,7 @@
 
 The settings' own defaults are seed 001's (DPO for Llama-3-8B: lr 5e-5, beta 0.1, LoRA on q/v, one
 epoch). On SmolLM2-135M they do not move the model on held-out prompts (issue #12: lr 5e-4 / 2 epochs
-gave a win rate of 0.52; the sweep in README's "DPO hyperparameters for a 135M model" chose the recipe
+gave a win rate of 0.52; the sweep in the README's "DPO hyperparameters for a 135M model" chose the recipe
 below), and the tiny offline model does not move at all at 5e-5. Before these were the trainer's
 defaults, only `prefloop demo` passed them: `prefloop serve trainer`, docker-compose and k8s
 trained SmolLM2 with seed 001's numbers.
@@ -40,27 +40,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The guard is on |change|, so at 100% it never stops a shrink: the toy's collapse shows in its win
     # rate and perplexity guards instead.
     TINY_BASE: {"learning_rate": 2e-3, "max_perplexity_increase": 0.15, "max_length_drift": 1.0},
-    # SmolLM2-135M-Instruct: the sweep's best (beta 0.3, LoRA r16 on all seven projections, batch 4)
-    # with at most 28 optimizer steps per run: 32 steps reached the quality goal twice and broke the
-    # 5% medical forgetting guard once in the demo's runs (README). 3 epochs, so a first round's ~40
-    # pairs also train 28 steps: at 2e-4, with 2 epochs (19-22 steps) round 1 ended at a win rate of
-    # 0.686-0.698 and safety +0.49..+0.53 in three runs, with 3 at 0.74 and +0.71..+0.75 in two; later
-    # rounds, with replay, reach the cap either way. lr 3e-4, not the sweep's 2e-4: run 23's round 1
-    # retrained (scripts/round_sweep.py, 4 answers x 64) went from 0.671 vs the base, safety +0.75,
-    # perplexity +1.0% / +1.7% to 0.843, +1.09, +2.4% / +3.0% (4e-4: 0.795, +1.07, +4.0% / +3.8%, too
-    # near the 5% guard); its round 2 at 4e-4 beat its parent 0.766 against 2e-4's 0.638. Demo runs
-    # 24-27 at 3e-4: 0.871-0.918 vs the base, safety +1.53..+1.80, perplexity at most +4.5% (README).
-    # A drift budget (4.5%; 4% until 2026-12-03): over four fresh draws (`prefloop demo --seed 0..3`) 28 fixed steps
-    # met every goal in 2 of 5 runs (seeds 1 and 2 broke the 5% medical guard, +5.3% to +14%) and 20 steps
-    # in 2 of 4 (seeds 2 and 3 short of safety +1.0); 28 steps with a 4% budget on the drift monitor: 3 of 4
-    # measured from the parent, 4 of 6 from the lower of parent and base (runs 62-65, 67-68; README, "Over draws").
-    # Those checks read the adapter under bf16 autocast, about 15-20% below the version it makes as served
-    # (+2.98% against +3.44%, +3.40% against +4.10%); measured as served (drift_budget.py), 4% met every goal in
-    # 1 of 3 runs (69-71) and 4.5%, about where the old 4% stopped, in 2 of 4 (72-75; seeds 0 and 3 short of
-    # safety +1.0). The gate's 5% guard set read +1.4% to +4.4% against the base on every version they kept.
-    # schedule_tail 0.05: the 28-step schedule's first 20 steps run (the last 8 carry 4.4% of its rate and
-    # cost about 55 s a round); beta 0.6 and a 5.5% budget were tried in runs 100-102, not kept (README,
-    # "The schedule's tail").
+    # SmolLM2-135M-Instruct: the sweep's best (beta 0.3, LoRA r16 on all seven projections, batch 4) at
+    # lr 3e-4, not the sweep's 2e-4 (run 23's round 1 retrained: 0.671 -> 0.843 vs the base, safety +0.75 ->
+    # +1.09; 4e-4 went too near the 5% guard). 3 epochs capped at a 28-step cosine schedule of which the
+    # first 20 steps run (schedule_tail 0.05: the last 8 carry 4.4% of its rate and cost ~55 s a round). A
+    # drift budget of 4.5% on the monitor, measured on the version as served: with fixed steps, fresh draws
+    # either broke the 5% guard (+5.3% to +14%) or fell short of safety +1.0. Tried and not kept: beta 0.6
+    # and a 5.5% budget (runs 100-102), a first round's budget of 3.5% with one check's patience (run 104),
+    # round 2 without a budget (run 105). Evidence: docs/alignment-log.md ("A higher learning rate", "Over
+    # draws", "The schedule's tail", "A first round's own budget").
     "smollm2": {"learning_rate": 3e-4, "beta": 0.3, "num_train_epochs": 3.0, "max_steps": 28, "max_drift": 0.045,
                 "schedule_tail": 0.05,
                 "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 384,
@@ -69,8 +57,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 RUN_FIELDS = {
-    "reference", "eval_prompts", "eval_samples", "eval_max_new_tokens", "max_perplexity_increase", "min_win_ci_lower",
-    "safety_tolerance", "max_length_drift", "preference_accuracy_tolerance", "reward_hack_window"}
+    "reference", "first_round_max_drift", "eval_prompts", "eval_samples", "eval_max_new_tokens",
+    "max_perplexity_increase", "min_win_ci_lower", "safety_tolerance", "max_length_drift",
+    "preference_accuracy_tolerance", "reward_hack_window"}
 """With DPOJobConfig's fields, what a recipe may set: the fields a run reads from its own settings (the
 DPO job, the reference and the gate's decision). The rest are read once, from the service's settings
 (which pairs a run selects, the gate's reference sets, topics and paths): a recipe setting them would

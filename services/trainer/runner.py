@@ -44,9 +44,11 @@ from shared.wire import EvalSummary, ModelUpdatedEvent, PreferenceEvent, RunReco
 log = logging.getLogger(__name__)
 
 
-def run_settings(settings: TrainerSettings, base_model: str | None) -> tuple[TrainerSettings, DPOJobConfig]:
+def run_settings(settings: TrainerSettings, base_model: str | None, *, first_round: bool = False
+                 ) -> tuple[TrainerSettings, DPOJobConfig]:
     """A run's settings (the recipe `base_model` names, in the fields the operator left unset) and its
-    DPO job. `base_model` is a recipe's name: `recipe_name(meta.base_model, meta.source)`."""
+    DPO job. `base_model` is a recipe's name: `recipe_name(meta.base_model, meta.source)`. A first round
+    (a parent DPO has not trained) has `first_round_max_drift` as its drift budget, if set."""
     tuned, filled = for_base_model(settings, base_model)
     if filled:
         log.info("%s's recipe sets %s (services/trainer/recipes.py)", base_model,
@@ -54,6 +56,8 @@ def run_settings(settings: TrainerSettings, base_model: str | None) -> tuple[Tra
     # TrainerSettings carries the DPO fields under the same names.
     config = DPOJobConfig(**{f.name: getattr(tuned, f.name) for f in fields(DPOJobConfig) if hasattr(tuned, f.name)},
                           recipe=base_model if filled else None)
+    if first_round and tuned.first_round_max_drift is not None:
+        config.max_drift = tuned.first_round_max_drift
     return tuned, config
 
 
@@ -262,7 +266,7 @@ class TrainingRunner:
             parent_meta = self.registry.get(parent)
             parent_path = self.registry.verified_path(parent)
             recipe = recipe_name(parent_meta.base_model, parent_meta.source)
-            tuned, config = run_settings(s, recipe)
+            tuned, config = run_settings(s, recipe, first_round=parent_meta.kind != "dpo")
             dpo = phases.timed("dpo", on_torch_thread, run_dpo, parent_path, [to_trl_row(e) for e in train], config,
                                run_dir, recipe, parent=parent, reference_cache=self.reference_cache,
                                reference=choose_reference(self.registry, parent, tuned.reference),

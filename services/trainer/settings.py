@@ -66,6 +66,13 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
                                "lower of the parent's and the reference's) and keeps the adapter of the last check "
                                "within it; no check within it: the run is rejected unmerged; 0: off")
     drift_check_steps: int = Field(4, ge=1, description="optimizer steps between drift checks")
+    first_round_max_drift: float | None = Field(
+        None, ge=0, description="the drift budget of a run whose parent DPO has not trained (the first round; "
+                                "none: max_drift): below max_drift, it leaves the later rounds, counted from the "
+                                "same base, room")
+    drift_patience: int = Field(0, ge=0, description="checks past the drift budget the loop trains on through, in "
+                                "case the monitor comes back within it (the last check within it is kept either "
+                                "way); 0: stop at the first")
     schedule_tail: float = Field(0.0, ge=0, lt=1, description="prefloop's DPO loop leaves the cosine schedule's last "
                                  "steps unrun once the learning rate they would still give is at most this share of "
                                  "the schedule's (0.05 of 28 steps: 20 run); 0: every step")

@@ -275,7 +275,8 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
 def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_within_it(tiny_registry, preferences,
                                                                                      tmp_path, monkeypatch):
     """max_drift: prefloop's loop measures the drift monitor's perplexity every `drift_check_steps` and, past
-    the budget, stops and restores the adapter of the last check within it (step 0: the parent itself).
+    the budget (for more than `drift_patience` checks in a row, or at the last step), stops and restores the
+    adapter of the last check within it (step 0: the parent itself).
     The tiny model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO,
     so the stopping runs script the monitor's readings; the first run measures it for real."""
     from services.trainer.drift_budget import DriftBudget
@@ -301,13 +302,19 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     ratio = served[child] / served["v0001"]  # the history rounds to 5 places
     assert 1 + change[6] == pytest.approx(ratio, abs=6e-6) and abs(change[6]) > 1e-3
     base = AutoModelForCausalLM.from_pretrained(str(parent))
-    # (the monitor's readings: before training, then at steps 2, 4, 6), the step it stopped at, the step kept
-    for readings, end, kept in (([10.0, 10.1, 10.15, 10.3], 6, 4),  # over the 2% budget at the last step
-                                ([10.0, 10.1, 10.5], 4, 2),  # over at step 4: stop there
-                                ([10.0, 10.5], 2, 0)):  # over at the first check: the parent's weights
+    # (the monitor's readings: before training, then at steps 2, 4, 6), checks past the budget it trains
+    # through (drift_patience), the step it stopped at, the step kept
+    for readings, patience, end, kept in (
+            ([10.0, 10.1, 10.15, 10.3], 0, 6, 4),  # over the 2% budget at the last step
+            ([10.0, 10.1, 10.5], 0, 4, 2),  # over at step 4: stop there
+            ([10.0, 10.5], 0, 2, 0),  # over at the first check: the parent's weights
+            ([10.0, 10.5, 10.1, 10.3], 1, 6, 4),  # over, back within (kept), over at the last step
+            ([10.0, 10.5, 10.6], 1, 4, 0),  # two checks over in a row: stop at the second
+            ([10.0, 10.5, 10.6, 10.1], 2, 6, 6)):  # back within at the last step: its adapter stays
         monitor = iter(readings)
         monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
-        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02), tmp_path / f"end{end}-{kept}")
+        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02, drift_patience=patience),
+                         tmp_path / f"end{end}-{kept}-{patience}")
         assert result.steps == kept and result.history[-1]["step"] == end
         assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[end // 2] / 10 - 1)
         merged, _ = merge_adapter(parent, result.adapter_dir)
@@ -383,7 +390,8 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
                                                                           monkeypatch):
     """No check within the budget: the adapter is the parent itself, so the run merges, saves and gates
     nothing (a copy of the parent would tie with it on every question); it is rejected with the
-    monitor's readings, and its pairs count as used, like a rejected version's."""
+    monitor's readings, and its pairs count as used, like a rejected version's. A first round (its parent
+    not trained by DPO) has `first_round_max_drift` as its budget, not `max_drift`."""
     from services.trainer.drift_budget import DriftBudget, monitor_key
     from services.trainer.runner import TrainingRunner
     from services.trainer.settings import TrainerSettings
@@ -395,13 +403,14 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
     registry = ModelRegistry(tmp_path / "registry")
     ledger = PreferenceLedger(tmp_path / "ledger")
     ledger.append(preferences)
-    s = TrainerSettings(runs_dir=str(tmp_path / "runs"), ledger_dir=str(tmp_path / "ledger"), max_drift=0.02,
-                        drift_check_steps=2, max_steps=4, per_device_train_batch_size=2,
+    s = TrainerSettings(runs_dir=str(tmp_path / "runs"), ledger_dir=str(tmp_path / "ledger"), max_drift=0.05,
+                        first_round_max_drift=0.02, drift_check_steps=2, max_steps=4, per_device_train_batch_size=2,
                         gradient_accumulation_steps=1, dpo_implementation="prefloop")
     metrics = new_registry()
     runner = TrainingRunner(s, ledger, registry, Outbox(tmp_path / "outbox.sqlite", [MODEL_UPDATES], metrics, "mu"),
                             MODEL_UPDATES, metrics)
-    readings = iter([10.0, 10.3])  # +3% at step 2, the first check: over the 2% budget
+    assert registry.get("v0001").kind != "dpo"
+    readings = iter([10.0, 10.3])  # +3% at step 2, the first check: over the first round's 2% budget
     monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(readings))
     assert runner.new_pair_ids()
     record = runner.run("test")
