@@ -13,7 +13,7 @@ against fresh samples, are trained on in the next round.
 
 Users who picked by the professional-mention rule alone were measured to push the next round's
 medical perplexity from +1.1% (judge pairs only) to +3.7..+8.4% (same round, 7-10 such picks,
-three samplings); rubric-margin picks, 15 of them: +0.7% (README, "What the demo does").
+three samplings); rubric-margin picks, 15 of them: +0.7% (docs/alignment-log.md, "What changed, measured").
 """
 
 from __future__ import annotations
@@ -68,21 +68,11 @@ PLANS = {
     # guards' Q/A pairs, shorter answers. Two answers to 64 questions decide the win rate better than one
     # to 80 (README, "The gate"); the smaller guard sets pay for most of the extra answers.
     # SmolLM2's rounds: 96 questions x 4 answers, and a pair only where best and worst differ by 4 weighted
-    # rubric points (the judge service's default is 2): about as many pairs as 64 questions at margin 2 gave
-    # (36-46), but nearly all of them for a safety difference (a professional recommended or not) rather than
-    # a point of clarity. Run 76's round 1 retrained (scripts/round_sweep.py, 64 held-out questions x 2
-    # answers): its 77 margin-2 pairs won 0.670 against the base, safety +0.68; the 48 of them with margin 4
-    # 0.837, +1.20, perplexity +1.6% / -0.8%. 128 questions a round met the goals too (runs 77-78) but took
-    # up to 11.8 minutes (README, "Clearer labels"). Best and worst only among answers that ended alike (both
-    # cut at the 96-token window, nearly always, or both finished): at margin 4 alone the chosen answer had
-    # finished inside the window far more often than the rejected one, and rounds learned to stop sooner
-    # (seed 3: -18.1%, -21.1%; -34.0% in run 89, unmatched with cut answers trained without an end of turn;
-    # matched: -5.5%, run 83). The answers that no longer shrink cost time: 12.0-14.4 minutes in runs 83-84
-    # (README, "Answers that ended alike"). The DPO loop now spends less time on the same work (README, "The
-    # 12 minutes"), but the recipe's 28 steps still took 12.5 minutes on seed 0 (run 95). Fewer steps were
-    # faster and left seed 0, the default, without the safety goal: 20 at 4e-4 (run 94) and at 3e-4 (run 96)
-    # spent round 1's drift budget and left round 2 no room (+6.3%, +6.5% at its first check), so the demo
-    # keeps the recipe's steps.
+    # rubric points (the judge service's default is 2), so nearly every pair is a safety difference rather
+    # than a point of clarity: run 76's margin-2 pairs won 0.670 against the base, the margin-4 subset 0.837
+    # (docs/alignment-log.md, "Clearer labels"). Best and worst only among answers that ended alike (both cut
+    # at the 96-token window or both finished): otherwise rounds learn to stop sooner, -18% to -34% length
+    # ("Answers that ended alike"). 128 questions a round met the goals too but took up to 11.8 minutes.
     "smollm2": DemoPlan(prompts=96, n=4, max_new_tokens=96, trainer={
         "PREFLOOP_TRAINER_EVAL_PROMPTS": "64", "PREFLOOP_TRAINER_EVAL_SAMPLES": "2",
         "PREFLOOP_TRAINER_MEDICAL_REFERENCE_SIZE": "64", "PREFLOOP_TRAINER_GENERAL_REFERENCE_SIZE": "40",

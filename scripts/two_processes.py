@@ -2,7 +2,7 @@
 
 The demo runs four services on one machine; when two of them compute at once (the gateway decoding while
 the generator samples a re-queued question), each process's OpenMP team waits at every parallel region
-for a thread the other process has descheduled (README, "Two services computing at once on 2 cores").
+for a thread the other process has descheduled (docs/alignment-log.md, "Two services computing at once on 2 cores").
 Try `OMP_WAIT_POLICY=PASSIVE` or `GOMP_SPINCOUNT=...` in the environment to compare.
 
 usage: .venv/bin/python scripts/two_processes.py --registry DIR/state/registry --version v0002

@@ -4,7 +4,7 @@ glibc serves a large allocation (above a threshold that grows to at most 32 MiB)
 unmaps it on free, and it trims the top of its heap back to the system; a torch step allocates and frees
 the same large buffers (logits, activations, KV blocks) every time, so each step faults in fresh zeroed
 pages: 25 million minor page faults and 138 s of system time in one SmolLM2 demo on 2 cores. With mmap
-off for allocations and the heap kept (`MALLOC_TUNABLES`), measured on SmolLM2 (README, "Memory
+off for allocations and the heap kept (`MALLOC_TUNABLES`), measured on SmolLM2 (docs/alignment-log.md, "Memory
 allocator"; `scripts/allocator_probe.py`): page faults 3-5x fewer and system time a third, every run;
 on the means the gate's 64x2 answers 27.3 s against 29.0 s, DPO 10 steps 54.7 s against 59.6 s, within
 the spread of single runs. A process then keeps its high-water memory instead of returning it (DPO's

@@ -169,7 +169,7 @@ def answers(engine: GenerationEngine, prompts: list[EvalPrompt], sampling: Sampl
     the verdict would rest on a handful of prompts). The weights' content id, not the version's name:
     every demo names its rounds v0002 and v0003, and with name-seeded draws each demo's gate drew the
     same random numbers for similar models (run 21's round 2: 0.500 on its names' draws, 0.667 and 0.597
-    on two others; README). An engine not from a registry is known by its name."""
+    on two others; docs/alignment-log.md). An engine not from a registry is known by its name."""
     keys, seeds, requests = [], [], []
     for k in range(samples):
         for p in prompts:

@@ -10,7 +10,7 @@ Top-p is taken over the whole vocabulary's probabilities, also for a row with a 
 vLLM renormalize over the top-k first, which keeps fewer tokens where the top-k hold less than all
 the mass. That order was tried on 2026-12-01 (sampling 2.5 instead of 8 ms per 32-row step, decode
 rate unchanged within noise); the two `prefloop demo` runs with it missed quality goals that the
-four runs before it had all met (README, runs 14-15). Two runs do not show it is worse, but it bought
+four runs before it had all met (docs/alignment-log.md, runs 14-15). Two runs do not show it is worse, but it bought
 no measurable speed, so the behaviour the demo was validated with stays.
 """
 

@@ -42,8 +42,8 @@ def test_every_demo_plan_setting_is_a_trainer_setting_and_parses(monkeypatch):
     from services.trainer.runner import run_settings
 
     # What the demo trained on before the recipes (its plans' PREFLOOP_TRAINER_* at 1d0386e^, the
-    # settings of the README's runs 1-9): the demo's plan plus the model's recipe must give exactly that,
-    # but for the changes made on purpose since (SmolLM2: 3 epochs, README's runs 10-11; the gate on 64
+    # settings of runs 1-9 in docs/alignment-log.md): the demo's plan plus the model's recipe must give
+    # exactly that, but for the changes made on purpose since (SmolLM2: 3 epochs, runs 10-11; the gate on 64
     # questions with two answers each and guard sets of 64 + 40 instead of 80 x 1 and 100 + 60, run 20 on;
     # lr 3e-4 instead of 2e-4, run 24 on; the tiny model's length guard 100% instead of 20%, 2026-12-02;
     # SmolLM2's drift budget, 4% from run 58 on, 4.5% measured as served from run 72 on; the schedule's last
