@@ -1,10 +1,13 @@
 """DPO pairs/s and peak memory: prefloop's DPO job vs TRL's DPOTrainer, same model, same pairs.
 
 Rows (each run in its own process, so its peak RSS is its own):
-- TRL DPOTrainer with TRL's defaults and seed 001's settings (fp32, LoRA r16 on q/v, batch 2 x 2,
-  max_length 1024, TRL's default activation checkpointing): what the seed's code runs.
+- TRL DPOTrainer with TRL's defaults and seed 001's settings (LoRA r16 on q/v, batch 2 x 2,
+  max_length 1024, TRL's default activation checkpointing, `bf16=True`: bf16 autocast where the CPU
+  computes bf16 natively, else fp32): what the seed's code runs.
 - TRL DPOTrainer at prefloop's settings (same batch, LoRA targets, lengths, no activation
-  checkpointing, precomputed reference log-probs): like with like for prefloop's first run.
+  checkpointing, precomputed reference log-probs), in fp32 (the trainer's TRL path on CPU) and, where
+  the CPU computes bf16 natively, under bf16 autocast (`bf16=True`): like with like on dtype for
+  prefloop's first run, whose frozen base computes in bf16 there.
 - prefloop's job (`services/trainer/lean_dpo.py`, the trainer's real path), first run;
 - the same pairs again with the reference log-probs cached (a replayed pair's cost);
 - prefloop's job at seed 001's settings with TRL's default memory policy (activation checkpointing,
@@ -72,6 +75,7 @@ def child(which: str, parent: Path, data: Path, cache: Path) -> None:
     from services.trainer.reference_cache import ReferenceCache
 
     torch.manual_seed(0)
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     work = Path(tempfile.mkdtemp())
     started = time.perf_counter()
@@ -83,28 +87,42 @@ def child(which: str, parent: Path, data: Path, cache: Path) -> None:
                 reference_cache=ReferenceCache(cache.with_name("refs-seed.sqlite")))
     elif which == "trl-same":
         run_dpo(parent, rows, DPOJobConfig(**SETTINGS, dpo_implementation="trl", precompute_ref_log_probs=True), work)
-    else:
-        from datasets import Dataset
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import DPOConfig, DPOTrainer
-
-        args = DPOConfig(output_dir=str(work), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                         learning_rate=5e-5, lr_scheduler_type="cosine", beta=0.1, max_length=1024, num_train_epochs=1,
-                         max_grad_norm=0.3, warmup_steps=0.03, use_cpu=True, bf16=False, report_to="none",
-                         save_strategy="no", logging_steps=10, disable_tqdm=True)
-        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(parent)), ref_model=None, args=args,
-                             train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                                              for r in rows]),
-                             processing_class=AutoTokenizer.from_pretrained(str(parent)),
-                             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                    target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-        trainer.train()
+    elif which == "trl-same-bf16":
+        trl_train(parent, rows, work, bf16=native_bf16, precompute_ref_log_probs=True, activation_checkpointing=False,
+                  **{k: v for k, v in SETTINGS.items() if k not in ("lora_r", "lora_alpha", "lora_target_modules")})
+    else:  # seed 001's DPOConfig (bf16=True), on CPU: adamw_torch for its paged_adamw_8bit, which needs CUDA
+        trl_train(parent, rows, work, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-5,
+                  beta=0.1, max_length=1024, num_train_epochs=1, max_grad_norm=0.3, warmup_steps=0.03,
+                  bf16=native_bf16, lora_target_modules=["q_proj", "v_proj"])
     seconds = time.perf_counter() - started
-    # prefloop's loop runs the frozen base in bf16 where the CPU computes it natively; TRL's rows stay fp32 on CPU
-    ours = which.startswith("ours") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    print(json.dumps({"pairs": len(rows), "seconds": seconds, "base": "bf16" if ours else "fp32",
+    # Where the CPU computes bf16 natively, prefloop's loop runs its frozen base in bf16 and TRL's rows (but the
+    # trainer's own TRL path, which is fp32 on CPU) run under bf16 autocast, as seed 001 sets `bf16=True`.
+    bf16 = native_bf16 and which != "trl-same"
+    print(json.dumps({"pairs": len(rows), "seconds": seconds, "base": "bf16" if bf16 else "fp32",
                       "peak_mb": own_peak_mb()}))
+
+
+def trl_train(parent: Path, rows: list[dict], work: Path, *, lora_target_modules: list[str] = ALL, **config) -> None:
+    """TRL's DPOTrainer as a user of TRL would run it (no prefloop code but the LM head's tile fit the
+    trainer's TRL path also applies), LoRA r16 / alpha 32 / dropout 0.05."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from services.trainer.sft import fit_trl_logprob_tiles
+
+    args = DPOConfig(output_dir=str(work), lr_scheduler_type="cosine", use_cpu=True, report_to="none",
+                     save_strategy="no", logging_steps=10, disable_tqdm=True, **config)
+    model = AutoModelForCausalLM.from_pretrained(str(parent))
+    fit_trl_logprob_tiles(model)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args,
+                         train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                          for r in rows]),
+                         processing_class=AutoTokenizer.from_pretrained(str(parent)),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                target_modules=lora_target_modules, task_type="CAUSAL_LM"))
+    trainer.train()
 
 
 def own_peak_mb() -> float:
@@ -118,8 +136,9 @@ def own_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-ROWS = [("trl-seed", "TRL DPOTrainer, TRL defaults + seed 001 settings"),
-        ("trl-same", "TRL DPOTrainer, prefloop's settings"),
+ROWS = [("trl-seed", "TRL DPOTrainer, seed 001 settings (bf16=True)"),
+        ("trl-same", "TRL DPOTrainer, prefloop's settings, trainer's path"),
+        ("trl-same-bf16", "TRL DPOTrainer, prefloop's settings, autocast"),
         ("ours", "prefloop DPO job (first run)"),
         ("ours-replay", "prefloop DPO job (references cached)"),
         ("ours-seed", "prefloop DPO job, seed 001 settings + checkpointing")]
@@ -153,6 +172,7 @@ def main() -> None:
         r = results[which]
         print(f"{label:<52}{r['base']:>6}{r['seconds']:>9.1f}{r['pairs'] / r['seconds']:>9.2f}{r['peak_mb']:>9.0f}")
     for mine, theirs, what in (("ours", "trl-same", "prefloop's settings"),
+                               ("ours", "trl-same-bf16", "prefloop's settings, TRL with autocast"),
                                ("ours-seed", "trl-seed", "TRL defaults + seed 001 settings, both checkpointing")):
         a, b = results[mine], results[theirs]
         print(f"at {what}: {b['seconds'] / a['seconds']:.2f}x pairs/s, peak memory prefloop / TRL "
