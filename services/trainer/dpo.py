@@ -88,7 +88,7 @@ class DPOJobConfig:
     back within the budget is kept; 0: stop at the first)"""
     schedule_tail: float = 0.0
     """prefloop's loop: leave the cosine schedule's last steps unrun once the learning rate they would still
-    give is at most this share of the schedule's (0: run every step; lean_dpo.tail_cut)"""
+    give is at most this share of the schedule's (0: run every step; dpo_schedule.tail_cut)"""
     seed: int = 42
     logging_steps: int = 1
     dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"

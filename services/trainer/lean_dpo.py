@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from services.trainer.drift_budget import DriftBudget, MonitorReadings
+from services.trainer.dpo_schedule import cosine_with_warmup, tail_cut
 from services.trainer.reference_cache import ReferenceCache
 from shared.evaluation import SHARED_PREFIX_MIN
 from shared.ids import content_id
@@ -293,26 +294,6 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     log.info("DPO: %d steps in %.1fs, the drift budget's start and %d checks in %.1fs", step,
              time.monotonic() - started - checking, checks, checking)
     return model, history, kept, (str(budget.dtype), budget.kept_perplexity) if budget else None
-
-
-def cosine_with_warmup(step: int, *, warmup: int, steps: int) -> float:
-    """The learning rate's factor at optimizer step `step` (0-based) of `steps`: TRL's default schedule."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def tail_cut(factors: list[float], tail: float) -> int:
-    """How many of the schedule's steps to run: the fewest whose remaining steps' learning rate adds up to
-    at most `tail` of the whole schedule's (at least one step). A cosine's last steps move the weights
-    little: steps 21-28 of SmolLM2's 28 (one warmup step) carry 4.4% of its learning rate, and in demo
-    run 95 the drift monitor moved +3.2% to +3.7% over them while each step cost 5.4 s."""
-    total, left = sum(factors), 0.0
-    for run in range(len(factors), 0, -1):
-        left += factors[run - 1]
-        if left > tail * total:
-            return run
-    return min(1, len(factors))
 
 
 @torch.no_grad()

@@ -110,7 +110,7 @@ def test_a_base_model_is_known_by_preset_file_digest_or_hub_name(meta, recipe):
 
 
 def test_schedule_tail_leaves_unrun_only_steps_whose_learning_rate_adds_up_to_at_most_its_share():
-    from services.trainer.lean_dpo import cosine_with_warmup, tail_cut
+    from services.trainer.dpo_schedule import cosine_with_warmup, tail_cut
 
     assert tail_cut([1.0, 1.0, 1.0, 1.0], 0.25) == 3  # the last step is exactly a quarter: left unrun
     assert tail_cut([1.0, 1.0, 1.0, 1.0], 0.24) == 4
