@@ -8,6 +8,9 @@ the run's (`--reference`, the demo's: the lineage's root). A variant is a JSON o
 DPOJobConfig fields (`{"learning_rate": 1.5e-4}`); `{}` is the run's own settings. Readings are
 against the lower of the parent's and the reference's monitor perplexity, as the budget counts.
 
+`--start root` trains the same pairs from the lineage's root instead: whether a round's drift comes from
+its pairs or from where it starts.
+
 usage: .venv/bin/python scripts/drift_trajectory.py --state DIR/state --run 2 --variant '{}' \
        --variant '{"warmup_ratio": 0.15}'
 """
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from ablate_run import finished_runs, run_pairs  # noqa: E402
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, run_dpo  # noqa: E402
+from services.trainer.drift_budget import MonitorReadings  # noqa: E402
 from services.trainer.ledger import to_trl_row  # noqa: E402
 from services.trainer.recipes import recipe_name  # noqa: E402
 from services.trainer.reference_cache import ReferenceCache  # noqa: E402
@@ -41,6 +45,9 @@ def main() -> None:
     ap.add_argument("--run", type=int, required=True, help="which finished run, 1-based")
     ap.add_argument("--variant", action="append", default=[], help="JSON object of DPOJobConfig fields")
     ap.add_argument("--reference", choices=["parent", "root"], default="root")
+    ap.add_argument("--start", choices=["parent", "root"], default="parent",
+                    help="train from the run's parent (as it trained) or from the lineage's root: the same pairs "
+                         "and settings from the weights a first round starts at")
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "drift")
     args = ap.parse_args()
     runs = finished_runs(args.state)
@@ -51,18 +58,20 @@ def main() -> None:
         raise SystemExit(f"{parent} was not trained by a run: its configuration is unknown")
     config = DPOJobConfig(**{k: v for k, v in meta.training_config.items() if k in DPOJobConfig.__dataclass_fields__})
     pairs, _ = run_pairs(args.state, args.run - 1, runs, config.seed)
+    start = registry.lineage(parent)[-1] if args.start == "root" else parent
     args.work.mkdir(parents=True, exist_ok=True)
     refs, readings = ReferenceCache(args.work / "refs.sqlite"), AnswerCache(args.work / "perplexity.sqlite")
-    print(f"run {args.run} ({run['status']}) from {parent}: {len(pairs)} pairs")
+    print(f"run {args.run} ({run['status']}) from {start}: {len(pairs)} pairs")
     for text in args.variant or ["{}"]:
         variant = json.loads(text)
         job = dataclasses.replace(config, **{**variant, "max_drift": 1.0})  # every check reads; none stops it
         started = time.monotonic()
-        result = run_dpo(registry.verified_path(parent), [to_trl_row(e) for e in pairs], job,
+        reference = choose_reference(registry, start, args.reference)
+        result = run_dpo(registry.verified_path(start), [to_trl_row(e) for e in pairs], job,
                          args.work / f"run-{time.time_ns()}", recipe_name(meta.base_model, meta.source),
-                         parent=parent, reference_cache=refs,
-                         reference=choose_reference(registry, parent, args.reference),
-                         readings=readings, parent_weights=registry.weights_id(parent))
+                         parent=start, reference_cache=refs, reference=reference,
+                         readings=MonitorReadings(readings, registry.weights_id(start),
+                                                  registry.weights_id(reference.version) if reference else ""))
         readings_text = ", ".join(f"{h['step']}: {h['drift/perplexity_change']:+.2%}" for h in result.history
                                   if "drift/perplexity_change" in h)
         print(f"{text}: {readings_text}; margin {result.history[-1]['rewards/margins']:.2f}; "

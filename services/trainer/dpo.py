@@ -44,14 +44,12 @@ class Reference:
     DPO step verifies the weights' checksums only then (the gate still loads the root to compare)."""
     version: str
     weights: Callable[[], Path]
-    weights_id: str = ""
-    """the registry's id of its weights (the drift budget's readings are keyed by it)"""
 
 
 def choose_reference(registry: ModelRegistry, parent: str, choice: str) -> Reference | None:
     """`choice` "root": the lineage's first version (None when that is the parent); "parent": None."""
     root = registry.lineage(parent)[-1] if choice == "root" else parent
-    return Reference(root, lambda: registry.verified_path(root), registry.weights_id(root)) if root != parent else None
+    return Reference(root, lambda: registry.verified_path(root)) if root != parent else None
 
 
 @dataclass
@@ -148,17 +146,14 @@ def load_policy(path: Path, quantization: str):
 
 def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path,
             recipe: str | None = None, *, parent: str = "", reference_cache: ReferenceCache | None = None,
-            reference: Reference | None = None, readings: MonitorReadings | None = None,
-            parent_weights: str = "") -> DPOResult:
+            reference: Reference | None = None, readings: MonitorReadings | None = None) -> DPOResult:
     """Train a LoRA adapter on conversational preference rows (prompt/chosen/rejected).
     `reference`: the reference model when it is not the parent (`choose_reference`); this argument,
     not `config.reference` (recorded with the run), decides which model is the reference. `readings`:
-    perplexities measured before (the gate's `AnswerCache`), where the drift budget finds the parent's
-    (its weights id: `parent_weights`) and the reference's."""
+    where the drift budget finds the parent's and the reference's perplexities measured before."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
-        return _run_lean(parent_path, rows, config, run_dir, recipe, parent, reference_cache, reference,
-                         readings, parent_weights)
+        return _run_lean(parent_path, rows, config, run_dir, recipe, parent, reference_cache, reference, readings)
     if config.max_drift:
         log.warning("max_drift %.3f is not applied: the drift budget is prefloop's DPO loop's; TRL trains every "
                     "planned step", config.max_drift)
@@ -217,7 +212,7 @@ def frozen_dtype() -> torch.dtype:
 
 def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, recipe: str | None,
               parent: str, cache: ReferenceCache | None, reference: Reference | None,
-              readings: MonitorReadings | None, parent_weights: str) -> DPOResult:
+              readings: MonitorReadings | None) -> DPOResult:
     """prefloop's CPU loop: frozen base in bf16 where the CPU computes it natively, cached references."""
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     dtype = frozen_dtype()
@@ -236,7 +231,6 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
     peft_model, history, steps, monitor = train_lora_dpo(
         model, tok, rows, config, learning_rate=lr, cache=cache, on_log=on_log, load_reference=load_reference,
         parent=reference.version if reference else parent or str(parent_path), readings=readings,
-        weights=(parent_weights, reference.weights_id if reference else ""),
         load_parent=lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32))
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))  # the adapter only

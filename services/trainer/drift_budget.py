@@ -3,14 +3,16 @@ would reject it (used by prefloop's loop, services/trainer/lean_dpo.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
 from types import SimpleNamespace
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from peft.tuners.lora import LoraLayer
 
 
-class MonitorReadings(Protocol):
+class MonitorStore(Protocol):
     """Perplexities by `shared.evaluation.perplexity_key`: the gate's `AnswerCache` keeps them."""
 
     def known_perplexity(self, key: str) -> float | None: ...
@@ -18,12 +20,45 @@ class MonitorReadings(Protocol):
     def keep_perplexity(self, key: str, value: float) -> None: ...
 
 
+@dataclass(frozen=True)
+class MonitorReadings:
+    """What one run's budget may find measured before: the monitor's perplexities in `store`, keyed by
+    weights ids; `parent` and `reference` are those of the run's parent and of its reference where that is
+    another version (the lineage's root). A round's parent is the version the previous round's last kept
+    check measured, and its reference that round's parent: neither is measured again."""
+
+    store: MonitorStore
+    parent: str
+    reference: str = ""
+
+    def known(self, weights: str, dtype, measure: Callable[[], float]) -> float:
+        """The reading of `weights` in `dtype`, from the store, else `measure()`d and kept."""
+        key = monitor_key(weights, dtype) if weights else None
+        value = self.store.known_perplexity(key) if key else None
+        if value is None:
+            value = measure()
+            if key:
+                self.store.keep_perplexity(key, value)
+        return value
+
+    def keep(self, weights: str, reading: tuple[str, float]) -> None:
+        """Keep a run's last kept check (`DPOResult.drift_monitor`: dtype, perplexity) as the reading of the
+        version it saved, whose weights id is `weights`: the next round's parent."""
+        self.store.keep_perplexity(monitor_key(weights, reading[0]), reading[1])
+
+
+@cache
+def _monitor_conversations() -> tuple:
+    from shared.alignment_data import drift_monitor_conversations
+
+    return tuple(drift_monitor_conversations())
+
+
 def monitor_key(weights: str, dtype) -> str:
     """The key of the drift monitor's perplexity under the weights with id `weights` in `dtype`."""
-    from shared.alignment_data import drift_monitor_conversations
     from shared.evaluation import perplexity_key
 
-    return perplexity_key(weights, drift_monitor_conversations(), dtype)
+    return perplexity_key(weights, list(_monitor_conversations()), str(dtype))
 
 
 class DriftBudget:
@@ -43,13 +78,11 @@ class DriftBudget:
     fell short of the safety goal at 20 (docs/alignment-log.md, "Over draws")."""
 
     def __init__(self, model, tokenizer, max_drift: float, load_reference=None, load_parent=None, *,
-                 readings: MonitorReadings | None = None, parent: str = "", reference: str = "") -> None:
+                 readings: MonitorReadings | None = None) -> None:
         """`load_parent()` returns the parent as the registry keeps it (fp32 on a CPU): the served version is
         its weights + the adapter's delta, rounded once to the serving dtype. Without it the frozen weights
-        stand in (exact where they are the stored ones). `readings` has the monitor's perplexity of versions
-        measured before (`parent` and `reference`: their registry weights ids): a round's parent is the
-        version the previous round's last kept check measured, and its reference (the root) that round's
-        parent."""
+        stand in (exact where they are the stored ones). `readings`: the parent's and the reference's
+        perplexities where they were measured before."""
         from shared.alignment_data import drift_monitor_conversations
 
         self.model, self.tokenizer, self.max_drift = model, tokenizer, max_drift
@@ -66,19 +99,15 @@ class DriftBudget:
         for p in self.scratch.parameters():  # the parent as served (the fp32 weights stay above); buffers as loaded:
             p.data = p.data.to(self.dtype)  # `.to(dtype)` would round the rotary frequencies too, as no engine does
         self.scratch.eval()
-        self.start = self.kept_perplexity = self._known(parent, lambda: self.perplexity(self.scratch))
+        self.start = self.kept_perplexity = self._known("parent", lambda: self.perplexity(self.scratch))
         if load_reference is not None:
-            self.start = min(self.start, self._known(reference, lambda: self.perplexity(load_reference().eval())))
+            self.start = min(self.start, self._known("reference", lambda: self.perplexity(load_reference().eval())))
         self.kept_step, self.kept = 0, self._copy()
 
-    def _known(self, weights: str, measure) -> float:
-        key = monitor_key(weights, self.dtype) if self.readings and weights else None
-        value = self.readings.known_perplexity(key) if key else None
-        if value is None:
-            value = measure()
-            if key:
-                self.readings.keep_perplexity(key, value)
-        return value
+    def _known(self, which: str, measure: Callable[[], float]) -> float:
+        if self.readings is None:
+            return measure()
+        return self.readings.known(getattr(self.readings, which), self.dtype, measure)
 
     def perplexity(self, model) -> float:
         """The monitor's perplexity under `model` in its weights' own dtype, as the gate's engine computes

@@ -201,15 +201,14 @@ def length_grouped(items: list[Encoded], batch: int, seed: int) -> list[list[Enc
 
 def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate: float, parent: str,
                    cache: ReferenceCache | None, on_log, load_reference=None, load_parent=None,
-                   readings: MonitorReadings | None = None, weights: tuple[str, str] = ("", "")
-                   ) -> tuple[object, list[dict], int, tuple[str, float] | None]:
+                   readings: MonitorReadings | None = None) -> tuple[object, list[dict], int, tuple[str, float] | None]:
     """Train a LoRA adapter on `model` (its base frozen) with the DPO loss; returns (peft model,
     history, steps, the drift monitor's (`monitor_key` dtype, perplexity) of the version the kept adapter
     makes, or None without a drift budget). `config` is a DPOJobConfig; `on_log(row)` gets every logged
     row. The reference is `model` itself (adapters off) unless `load_reference` is given (it returns the
     reference model; called only when the cache lacks some log-probs); `parent` names the reference in
-    the cache either way. `readings` has the monitor's perplexities by weights: `weights` are the ids of
-    the version `model` is and of the reference."""
+    the cache either way. `readings`: the monitor's perplexities of the parent and the reference, where
+    they were measured before."""
     torch.manual_seed(config.seed)
     autocast = next(model.parameters()).dtype == torch.bfloat16
     if config.activation_checkpointing:  # applies in train mode only: the reference pass keeps nothing anyway
@@ -243,8 +242,8 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     started = time.monotonic()
-    budget = DriftBudget(model, tokenizer, config.max_drift, load_reference, load_parent, readings=readings,
-                         parent=weights[0], reference=weights[1] if load_reference else "") if config.max_drift else None
+    budget = (DriftBudget(model, tokenizer, config.max_drift, load_reference, load_parent, readings=readings)
+              if config.max_drift else None)
     model.train()
     history: list[dict] = []
     kept, step, over = len(plan), 0, 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -28,11 +27,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
 from services.trainer.dpo import DPOJobConfig, choose_reference, merge_adapter, run_dpo
-from services.trainer.drift_budget import monitor_key, no_room
+from services.trainer.drift_budget import MonitorReadings, no_room
 from services.trainer.gate import Gate
 from services.trainer.ledger import PreferenceLedger, to_trl_row
 from services.trainer.recipes import for_base_model, recipe_name
 from services.trainer.reference_cache import ReferenceCache
+from services.trainer.run_log import Phases, RunLog
 from services.trainer.settings import TrainerSettings
 from services.trainer.trigger import trigger_status
 from shared.outbox import Outbox
@@ -75,17 +75,6 @@ class Selection(BaseModel):
         return self.new + self.replay
 
 
-class Phases(dict):
-    """Seconds per step of one run, in order (`RunRecord.phases`)."""
-
-    def timed(self, name: str, fn, *args, **kwargs):
-        begun = time.monotonic()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self[name] = round(time.monotonic() - begun, 1)
-
-
 class TrainingRunner:
     def __init__(self, settings: TrainerSettings, ledger: PreferenceLedger, registry: ModelRegistry,
                  outbox: Outbox, model_updates: Topic, metrics: CollectorRegistry) -> None:
@@ -96,14 +85,11 @@ class TrainingRunner:
         self._model_updates = model_updates
         self.runs_dir = Path(settings.runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self._runs_file = self.runs_dir / "runs.jsonl"
+        self.run_log = RunLog(self.runs_dir / "runs.jsonl")
         self._lock = threading.Lock()
         self._registry_lock = threading.Lock()  # promotion and rollback move `current` one at a time
         self.reference_cache = ReferenceCache(self.runs_dir / "reference_logps.sqlite")
         self.gate = Gate(settings, registry, self.runs_dir)
-        if self._runs_file.exists() and self._runs_file.read_bytes()[-1:] not in (b"", b"\n"):
-            with open(self._runs_file, "ab") as f:  # a torn last record: later records start a line of their own
-                f.write(b"\n")
         self._reconcile_interrupted()
         # the interval trigger counts from the last finished run, across restarts (wall clock)
         finished = [r.finished.timestamp() for r in self.runs() if r.finished is not None]
@@ -121,24 +107,10 @@ class TrainingRunner:
 
     # -- run history -----------------------------------------------------------
     def runs(self) -> list[RunRecord]:
-        if not self._runs_file.exists():
-            return []
-        latest: dict[str, RunRecord] = {}
-        for number, line in enumerate(self._runs_file.read_text().splitlines(), 1):
-            try:
-                record = RunRecord.model_validate_json(line) if line.strip() else None
-            except ValueError:  # a torn last record (a crash mid-write); its run shows as running or failed
-                log.warning("%s:%d: skipping an unreadable run record", self._runs_file, number)
-                continue
-            if record is not None:
-                latest[record.run_id] = record
-        return list(latest.values())
+        return self.run_log.runs()
 
     def _record(self, record: RunRecord) -> None:
-        with open(self._runs_file, "a") as f:
-            f.write(record.model_dump_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.run_log.record(record)
 
     def _reconcile_interrupted(self) -> None:
         """Runs left `running` by a previous process: promoted if their version became current (then
@@ -267,10 +239,12 @@ class TrainingRunner:
             parent_path = self.registry.verified_path(parent)
             recipe = recipe_name(parent_meta.base_model, parent_meta.source)
             tuned, config = run_settings(s, recipe, first_round=parent_meta.kind != "dpo")
+            reference = choose_reference(self.registry, parent, tuned.reference)
+            readings = MonitorReadings(self.gate.answers, self.registry.weights_id(parent),
+                                       self.registry.weights_id(reference.version) if reference else "")
             dpo = phases.timed("dpo", on_torch_thread, run_dpo, parent_path, [to_trl_row(e) for e in train], config,
                                run_dir, recipe, parent=parent, reference_cache=self.reference_cache,
-                               reference=choose_reference(self.registry, parent, tuned.reference),
-                               readings=self.gate.answers, parent_weights=self.registry.weights_id(parent))
+                               reference=reference, readings=readings)
             if dpo.steps == 0:  # the drift budget kept nothing: the adapter is the parent itself
                 reason = no_room(dpo.history, config.max_drift)
                 log.warning("run %s: rejected before the gate: %s", run_id, reason)
@@ -283,8 +257,7 @@ class TrainingRunner:
                                          "dpo_seconds": dpo.seconds, "run_id": run_id})
             del merged
             if dpo.drift_monitor:  # the next round's drift budget starts from this version
-                dtype, value = dpo.drift_monitor
-                self.gate.answers.keep_perplexity(monitor_key(self.registry.weights_id(meta.version), dtype), value)
+                readings.keep(self.registry.weights_id(meta.version), dpo.drift_monitor)
             # Both from the registry: the same device and dtype, the weights exactly as they will be served.
             gate = phases.timed("gate", self.gate.evaluate, meta.version, parent, heldout=heldout,
                                 history=dpo.history, pairs_trained=len(train), settings=tuned)

@@ -392,7 +392,7 @@ def test_a_run_whose_drift_budget_kept_nothing_is_rejected_before_the_gate(tiny_
     nothing (a copy of the parent would tie with it on every question); it is rejected with the
     monitor's readings, and its pairs count as used, like a rejected version's. A first round (its parent
     not trained by DPO) has `first_round_max_drift` as its budget, not `max_drift`."""
-    from services.trainer.drift_budget import DriftBudget, monitor_key
+    from services.trainer.drift_budget import DriftBudget
     from services.trainer.runner import TrainingRunner
     from services.trainer.settings import TrainerSettings
     from shared.observability import new_registry
@@ -428,7 +428,7 @@ def test_a_versions_drift_monitor_reading_is_kept_and_the_next_round_starts_from
     """The runner keeps the monitor's perplexity of the version a round saves (its last kept check) and of
     the parent with the gate's perplexities (by weights id); the next round's budget starts from them
     without measuring either again, and the kept reading is what measuring the saved version gives."""
-    from services.trainer.drift_budget import DriftBudget, monitor_key
+    from services.trainer.drift_budget import DriftBudget, MonitorReadings, monitor_key
     from services.trainer.runner import TrainingRunner
     from services.trainer.settings import TrainerSettings
     from shared.observability import new_registry
@@ -461,5 +461,5 @@ def test_a_versions_drift_monitor_reading_is_kept_and_the_next_round_starts_from
     assert kept == pytest.approx(measured.start, rel=1e-9) and root is not None and kept != root
     monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: pytest.fail("measured a known version"))
     cached = DriftBudget(policy(), tok, 1.0, load_reference=lambda: pytest.fail("loaded the reference"),
-                         readings=runner.gate.answers, parent=ids["v0002"], reference=ids["v0001"])
+                         readings=MonitorReadings(runner.gate.answers, ids["v0002"], ids["v0001"]))
     assert cached.start == min(kept, root) and cached.kept_perplexity == kept
