@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--start", choices=["parent", "root"], default="parent",
                     help="train from the run's parent (as it trained) or from the lineage's root: the same pairs "
                          "and settings from the weights a first round starts at")
+    ap.add_argument("--direction", action="store_true",
+                    help="also print the cosine between each variant's change to the weights and the run's parent's "
+                         "change from the root")
     ap.add_argument("--work", type=Path, default=ROOT / "var" / "drift")
     args = ap.parse_args()
     runs = finished_runs(args.state)
@@ -76,6 +79,31 @@ def main() -> None:
                                   if "drift/perplexity_change" in h)
         print(f"{text}: {readings_text}; margin {result.history[-1]['rewards/margins']:.2f}; "
               f"{time.monotonic() - started:.0f} s", flush=True)
+        if args.direction:
+            print(f"  direction: cosine {direction(registry, parent, result.adapter_dir):+.3f} with {parent}'s own "
+                  f"change from the root (all adapted weights)", flush=True)
+
+
+def direction(registry: ModelRegistry, parent: str, adapter_dir: Path) -> float:
+    """Cosine between the adapter's change to the weights and `parent`'s change from the lineage's root,
+    over every weight the adapter adapts: whether this round goes on in the direction the parent went."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = registry.lineage(parent)[-1]
+    load = lambda v: AutoModelForCausalLM.from_pretrained(str(registry.verified_path(v)), dtype=torch.float32)
+    before, after = load(root).state_dict(), load(parent).state_dict()
+    adapted = PeftModel.from_pretrained(load(root), str(adapter_dir))
+    dot = norm_a = norm_b = 0.0
+    for name, module in adapted.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "active_adapters"):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            change = module.get_delta_weight(module.active_adapters[0]).double()
+            went = (after[key] - before[key]).double()
+            dot, norm_a, norm_b = dot + (change * went).sum().item(), norm_a + change.square().sum().item(), \
+                norm_b + went.square().sum().item()
+    return dot / max(1e-30, (norm_a * norm_b) ** 0.5)
 
 
 if __name__ == "__main__":

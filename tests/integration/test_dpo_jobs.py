@@ -59,7 +59,8 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
     gradients equal two ordinary rows per pair, under SDPA's boolean mask and eager's additive one,
     with pairs of unequal lengths in one batch (padding) and an answer cut to nothing by max_length; and
     so do they when the tokens every row begins with (the system prompt) run once for the batch."""
-    from services.trainer.lean_dpo import Encoded, encode, pair_logps, sequence_logps, shared_prefix_length
+    from services.trainer.dpo_pairs import Encoded, encode
+    from services.trainer.lean_dpo import pair_logps, sequence_logps, shared_prefix_length
 
     model_dir = str(ModelRegistry(tiny_registry).verified_path("v0001"))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -105,7 +106,7 @@ def test_a_pair_row_scores_both_answers_as_two_rows_would_with_the_prompt_comput
 def test_an_answer_cut_at_the_token_limit_trains_without_an_end_of_turn(tiny_registry, preferences):
     """The model never ended a cut answer's turn: its side stops at the last sampled token, the other side
     keeps the template's end, and the reference cache tells the two encodings apart."""
-    from services.trainer.lean_dpo import encode
+    from services.trainer.dpo_pairs import encode
 
     tok = AutoTokenizer.from_pretrained(str(ModelRegistry(tiny_registry).verified_path("v0001")))
     pair = preferences[0]
@@ -152,7 +153,8 @@ def test_prefloops_dpo_loop_starts_at_the_reference_and_reuses_cached_references
     """The CPU loop's first step sees policy == reference (loss ln 2, zero margins): the cached
     reference log-probs are the parent's own, scored on completion tokens only. A replay reads
     them from the cache instead of recomputing."""
-    from services.trainer.lean_dpo import encode, reference_logps, sequence_logps
+    from services.trainer.dpo_pairs import encode
+    from services.trainer.lean_dpo import reference_logps, sequence_logps
     from services.trainer.reference_cache import ReferenceCache
     from shared.evaluation import _answer_logps
 
@@ -204,7 +206,8 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     """`reference="root"`: round 2 trains from v0002 against v0001's log-probs, so pairs round 1
     taught start with the margin they won (a parent reference starts every pair at zero) and
     their references come from the cache, keyed by the root."""
-    from services.trainer.lean_dpo import encode, sequence_logps
+    from services.trainer.dpo_pairs import encode
+    from services.trainer.lean_dpo import sequence_logps
     from services.trainer.reference_cache import ReferenceCache
 
     shutil.copytree(ModelRegistry(tiny_registry).verified_path("v0001"), tmp_path / "registry" / "v0001")
