@@ -16,7 +16,9 @@ general 40; `--medical`, `--general`).
 
 A variant is `name:key=value,key=value` over DPOJobConfig's fields (`learning_rate=3e-4`,
 `max_steps=40`, `beta=0.1`), plus `replay=0` (the new pairs only), `without=user|judge` (leave a
-pair source out) and `margin=4` (only judge pairs whose weighted rubric margin is at least 4).
+pair source out), `margin=4` (only judge pairs whose weighted rubric margin is at least 4) and
+`start=root` (train the same pairs from the lineage's base instead of the run's parent: a sibling of the
+parent, compared with it all the same).
 `as-run:` (no keys) retrains the run as it was.
 
 usage: .venv/bin/python scripts/round_sweep.py --state DEMO/state --run 2 --samples 4 \
@@ -69,7 +71,7 @@ def apply(config: DPOJobConfig, overrides: dict[str, str]) -> DPOJobConfig:
     fields = {f.name for f in dataclasses.fields(DPOJobConfig)}
     changes = {}
     for key, text in overrides.items():
-        if key in ("replay", "without", "margin"):
+        if key in ("replay", "without", "margin", "start"):
             continue
         if key not in fields:
             raise SystemExit(f"unknown setting {key!r}")
@@ -152,13 +154,14 @@ def main() -> None:
         chosen = [e for e in pairs if not (overrides.get("replay") == "0" and e.id in replayed)
                   and e.source != overrides.get("without") and margin(e) >= float(overrides.get("margin", "-inf"))]
         variant_config = apply(config, overrides)
+        origin = base if overrides.get("start") == "root" else parent
         started = time.monotonic()
-        dpo = run_dpo(registry.verified_path(parent), [to_trl_row(e) for e in chosen], variant_config,
-                      work / "runs" / name, recipe, parent=parent, reference_cache=cache,
-                      reference=choose_reference(registry, parent, variant_config.reference))
+        dpo = run_dpo(registry.verified_path(origin), [to_trl_row(e) for e in chosen], variant_config,
+                      work / "runs" / name, recipe, parent=origin, reference_cache=cache,
+                      reference=choose_reference(registry, origin, variant_config.reference))
         seconds = time.monotonic() - started
-        merged, tok = merge_adapter(registry.verified_path(parent), dpo.adapter_dir)
-        version = registry.save(merged, tok, kind="dpo", parent=parent, base_model=meta.base_model,
+        merged, tok = merge_adapter(registry.verified_path(origin), dpo.adapter_dir)
+        version = registry.save(merged, tok, kind="dpo", parent=origin, base_model=meta.base_model,
                                 training_config={"sweep": name}).version
         with GenerationEngine.from_registry(registry, version, max_batch_size=rows) as engine:
             new = sampled_answers(engine, name, prompts, sampling, args.samples)

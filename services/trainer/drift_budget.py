@@ -83,10 +83,8 @@ class DriftBudget:
         its weights + the adapter's delta, rounded once to the serving dtype. Without it the frozen weights
         stand in (exact where they are the stored ones). `readings`: the parent's and the reference's
         perplexities where they were measured before."""
-        from shared.alignment_data import drift_monitor_conversations
-
         self.model, self.tokenizer, self.max_drift = model, tokenizer, max_drift
-        self.conversations = drift_monitor_conversations()
+        self.conversations = list(_monitor_conversations())
         self.dtype = next(model.parameters()).dtype
         self.readings = readings
         self.trainable = [p for p in model.parameters() if p.requires_grad]
