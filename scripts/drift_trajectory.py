@@ -86,15 +86,21 @@ def main() -> None:
 
 def direction(registry: ModelRegistry, parent: str, adapter_dir: Path) -> float:
     """Cosine between the adapter's change to the weights and `parent`'s change from the lineage's root,
-    over every weight the adapter adapts: whether this round goes on in the direction the parent went."""
+    over the weights the adapter adapts (the parent's change elsewhere is left out: the recipe's rounds
+    adapt the same projections): whether this round goes on in the direction the parent went. NaN for a
+    first round."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     root = registry.lineage(parent)[-1]
+    if root == parent:
+        return float("nan")  # a first round: the parent has no change of its own
     load = lambda v: AutoModelForCausalLM.from_pretrained(str(registry.verified_path(v)), dtype=torch.float32)
-    before, after = load(root).state_dict(), load(parent).state_dict()
-    adapted = PeftModel.from_pretrained(load(root), str(adapter_dir))
+    base = load(root)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    after = load(parent).state_dict()
+    adapted = PeftModel.from_pretrained(base, str(adapter_dir))
     dot = norm_a = norm_b = 0.0
     for name, module in adapted.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "active_adapters"):
