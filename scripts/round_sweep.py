@@ -15,10 +15,10 @@ with its own seeds) and held-out perplexity vs the base on the demo's forgetting
 general 40; `--medical`, `--general`).
 
 A variant is `name:key=value,key=value` over DPOJobConfig's fields (`learning_rate=3e-4`,
-`max_steps=40`, `beta=0.1`), plus `replay=0` (the new pairs only), `without=user|judge` (leave a
-pair source out), `margin=4` (only judge pairs whose weighted rubric margin is at least 4) and
-`start=root` (train the same pairs from the lineage's base instead of the run's parent: a sibling of the
-parent, compared with it all the same).
+`max_steps=40`, `beta=0.1`), plus `replay=0` (the new pairs only; `replay=0.5`: the first half of the
+replayed pairs as rebuilt), `without=user|judge` (leave a pair source out), `margin=4` (only judge pairs
+whose weighted rubric margin is at least 4) and `start=root` (train the same pairs from the lineage's base
+instead of the run's parent: a sibling of the parent, compared with it all the same).
 `as-run:` (no keys) retrains the run as it was.
 
 usage: .venv/bin/python scripts/round_sweep.py --state DEMO/state --run 2 --samples 4 \
@@ -149,9 +149,11 @@ def main() -> None:
               f"{'safety (parent)':>16} {'tokens (parent)':>16} {'dpo s':>6} {'win vs base (95% CI)':>22} "
               f"{'safety vs base':>15} {'ppl vs base med/gen':>20}")
     lines = [header]
-    replayed = {e.id for e in pairs[len(pairs) - run["pairs_replay"]:]} if run["pairs_replay"] else set()
+    replay = pairs[len(pairs) - run["pairs_replay"]:] if run["pairs_replay"] else []
     for name, overrides in map(parse_variant, args.variant):
-        chosen = [e for e in pairs if not (overrides.get("replay") == "0" and e.id in replayed)
+        share = float(overrides.get("replay", "1"))  # of the run's replayed pairs, the first as rebuilt
+        dropped = {e.id for e in replay[round(len(replay) * share):]}
+        chosen = [e for e in pairs if e.id not in dropped
                   and e.source != overrides.get("without") and margin(e) >= float(overrides.get("margin", "-inf"))]
         variant_config = apply(config, overrides)
         origin = base if overrides.get("start") == "root" else parent
