@@ -108,22 +108,26 @@ def seed_pipeline(pipe, engine: GenerationEngine, prompts: list[PromptEvent], ba
     row.candidates, row.tokens = len(texts), count_tokens(tok, texts)
 
 
-def matmul_flops(config, dtype: torch.dtype, rows: int, seconds: float = 2.0) -> tuple[float, float]:
-    """FLOP/s of one decode-shaped projection, [rows, hidden] x [hidden, intermediate]: with a plain
-    weight (F.linear) and with the weight packed once as the engine runs it (decoder.Projection).
-    The machine's bound is the faster of the two."""
-    x = torch.randn(rows, config.hidden_size, dtype=dtype)
-    layer = torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False, dtype=dtype)
+def matmul_flops(config, dtype: torch.dtype, rows: int, seconds: float = 2.0,
+                 device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """FLOP/s of one decode-shaped projection, [rows, hidden] x [hidden, intermediate], on the engine's
+    device: with a plain weight (F.linear) and with the weight packed once as the engine runs it
+    (decoder.Projection; on a GPU it runs the plain module). The machine's bound is the faster of the two."""
+    x = torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
+    layer = torch.nn.Linear(config.hidden_size, config.intermediate_size, bias=False, dtype=dtype, device=device)
     packed = Projection(layer)
+    finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # a GPU runs behind the host
 
     def rate(fn) -> float:
         with torch.inference_mode():
             for _ in range(20):
                 fn(x)
+            finish()
             reps, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:
                 for _ in range(50):
                     fn(x)
+                finish()
                 reps += 50
             elapsed = time.perf_counter() - started
         return 2 * rows * config.hidden_size * config.intermediate_size * reps / elapsed
@@ -198,7 +202,8 @@ def main() -> None:
         on_torch_thread(seed_pipeline, pipe, engine, prompts, seed.prompts_per_call, seed)
         measured, decodes = [], []
         for _ in range(REPEATS):
-            measured.append(on_torch_thread(matmul_flops, engine.model.config, engine.dtype, args.decode_rows, 1.0))
+            measured.append(on_torch_thread(matmul_flops, engine.model.config, engine.dtype, args.decode_rows, 1.0,
+                                            engine.device))
             decodes.append(decode_rate(engine, prompts, args.decode_rows, args.max_new_tokens))
         plain, packed = max(m[0] for m in measured), max(m[1] for m in measured)
         flops = max(plain, packed)
