@@ -103,3 +103,36 @@ def test_dpo_on_cuda_trains_with_trl_and_merges_into_full_precision(tiny_registr
     assert all(p.dtype == torch.float32 for p in merged.parameters())  # dequantize-then-merge: full precision
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_a_training_round_on_cuda_runs_qlora_merges_saves_and_gates_on_the_gpu(tiny_registry, preferences, tmp_path):
+    """The trainer service's round as it runs in its pod: ledger pairs, QLoRA nf4 through TRL, the merge,
+    the registry, and the gate's answers and perplexities computed on the GPU."""
+    import shutil
+
+    from services.trainer.ledger import PreferenceLedger
+    from services.trainer.runner import TrainingRunner
+    from services.trainer.settings import TrainerSettings
+    from shared.observability import new_registry
+    from shared.outbox import Outbox
+    from shared.topics import MODEL_UPDATES
+
+    shutil.copytree(tiny_registry, tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry")
+    ledger = PreferenceLedger(tmp_path / "ledger")
+    ledger.append(preferences)
+    s = TrainerSettings(runs_dir=str(tmp_path / "runs"), ledger_dir=str(tmp_path / "ledger"), quantization="nf4",
+                        max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=2e-3,
+                        eval_prompts=8, eval_samples=1, medical_reference_size=8, general_reference_size=8,
+                        eval_max_new_tokens=16)
+    metrics = new_registry()
+    runner = TrainingRunner(s, ledger, registry, Outbox(tmp_path / "outbox.sqlite", [MODEL_UPDATES], metrics, "mu"),
+                            MODEL_UPDATES, metrics)
+    record = runner.run("test")
+    assert record.error is None and record.status in {"promoted", "rejected"}, record.error
+    assert record.version == "v0002" and set(record.phases) == {"dpo", "merge", "save", "gate"}
+    config = registry.get("v0002").training_config
+    assert config["implementation"] == "trl" and config["quantization"] == "nf4"
+    summary = record.eval_summary
+    assert summary.win_rate_vs_parent is not None and 0.0 <= summary.win_rate_vs_parent <= 1.0
+    assert registry.current() == ("v0002" if record.status == "promoted" else "v0001")
