@@ -55,8 +55,11 @@ def run_pairs(state: Path, index: int, runs: list[dict], seed: int) -> tuple[lis
     new_ids = run["new_pair_ids"]
     new = set(new_ids)
     by_id = {e.id: e for e in events}
-    last_new = max(i for i, e in enumerate(events) if e.id in new)
-    older = [e for e in events[:last_new + 1] if e.id not in new and e.split == "train"]
+    # The replay is drawn from the pairs earlier runs used up (TrainingRunner.new_pair_ids): every pair
+    # still new when the run started stays out of it, trained now or left waiting by `max_pairs_per_run`.
+    used = {i for r in runs[:index] if r["status"] in ("promoted", "rejected")
+            for i in r["new_pair_ids"] + r.get("stale_pair_ids", [])}
+    older = [e for e in events if e.id in used and e.split == "train"]
     # the trainer seeds its replay sample with the number of runs recorded, this one included
     rng = random.Random(f"{seed}-{index + 1}")
     replay = rng.sample(older, run["pairs_replay"]) if run["pairs_replay"] else []

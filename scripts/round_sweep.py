@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -62,8 +63,13 @@ def margin(pair) -> float:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """`name:key=value,key=value`; a comma starts a new setting only before `key=`, so a JSON list
+    (`lora_target_modules=["q_proj","v_proj"]`) stays one value."""
     name, _, body = text.partition(":")
-    return name, dict(kv.split("=", 1) for kv in body.split(",") if kv)
+    settings = [kv for kv in re.split(r",(?=\w+=)", body) if kv]
+    if bad := [kv for kv in settings if "=" not in kv]:
+        raise SystemExit(f"variant {text!r}: {bad[0]!r} is not key=value")
+    return name, dict(kv.split("=", 1) for kv in settings)
 
 
 def apply(config: DPOJobConfig, overrides: dict[str, str]) -> DPOJobConfig:
