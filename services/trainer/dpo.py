@@ -90,14 +90,15 @@ class DPOJobConfig:
     seed: int = 42
     logging_steps: int = 1
     dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"
-    """auto: prefloop's loop (lean_dpo.py) on CPU, TRL's DPOTrainer on CUDA and for QLoRA"""
+    """auto: prefloop's loop (lean_dpo.py: the drift budget, the schedule's tail, cached references) on CPU and
+    CUDA, TRL's DPOTrainer for QLoRA (nf4), where the loop's frozen weights would be 4-bit"""
     recipe: str | None = None
     """the base model whose recipe (recipes.py) filled some of these fields, for the run's record"""
 
     def resolved_implementation(self) -> str:
         if self.dpo_implementation != "auto":
             return self.dpo_implementation
-        return "trl" if torch.cuda.is_available() or self.quantization != "none" else "prefloop"
+        return "trl" if self.quantization != "none" else "prefloop"
 
     def resolved_learning_rate(self, recipe: str | None) -> float:
         """The configured rate, else the recipe's (services/trainer/recipes.py; `recipe` is a recipe's name,
@@ -204,21 +205,27 @@ def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, 
     return result
 
 
+def training_device() -> torch.device:
+    """Where prefloop's loop trains: the GPU where there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def frozen_dtype() -> torch.dtype:
-    """What prefloop's CPU loop loads the frozen base and the reference in: bf16 where the CPU computes it
-    natively, else fp32 (the LoRA adapter trains in fp32 either way): the engine's rule for the CPU."""
-    return inference_dtype("auto", torch.device("cpu"))
+    """What prefloop's loop loads the frozen base and the reference in: bf16 where the device computes it
+    natively, else fp32 (the LoRA adapter trains in fp32 either way): the engine's rule for that device."""
+    return inference_dtype("auto", training_device())
 
 
 def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: Path, recipe: str | None,
               parent: str, cache: ReferenceCache | None, reference: Reference | None,
               readings: MonitorReadings | None) -> DPOResult:
-    """prefloop's CPU loop: frozen base in bf16 where the CPU computes it natively, cached references."""
+    """prefloop's loop: frozen base in bf16 where the device computes it natively, cached references. The
+    parent as stored (fp32) is loaded once more for the drift budget, which measures the version as served."""
     tok = AutoTokenizer.from_pretrained(str(parent_path))
-    dtype = frozen_dtype()
-    model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=dtype)
+    dtype, device = frozen_dtype(), training_device()
+    model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=dtype).to(device)
     # the reference's log-probs are cached, so the root is loaded only when some are missing
-    load_reference = ((lambda: AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype))
+    load_reference = ((lambda: AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype).to(device))
                       if reference else None)
     lr = config.resolved_learning_rate(recipe)
     metrics = run_dir / "metrics.jsonl"

@@ -88,7 +88,9 @@ class DriftBudget:
         self.dtype = next(model.parameters()).dtype
         self.readings = readings
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.scratch = load_parent() if load_parent else plain_copy(model.get_base_model())
+        # on the policy's device: the adapter's deltas are added to the stored weights there
+        self.scratch = (load_parent() if load_parent else plain_copy(model.get_base_model())).to(
+            next(model.parameters()).device)
         stored = self.scratch.state_dict()
         self.parent_weights = [(layer, self.scratch.get_submodule(name), stored[name + ".weight"].float())
                                for name, layer in ((n.removeprefix("base_model.model."), m)

@@ -57,14 +57,16 @@ def sequence_logps(model, sequences: list[tuple[list[int], int]], pad_id: int, a
     for i, (s, prompt_len) in enumerate(sequences):
         scored[i, prompt_len - 1:len(s) - 1] = True  # position t predicts token t + 1
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    device = inner.device
+    ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = inner.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
         logits = inner.lm_head(hidden[scored]).float()
     targets = ids[:, 1:][scored]
     token_logps = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
     counts = scored.sum(1)
-    owner = torch.repeat_interleave(torch.arange(len(sequences)), counts)
-    return torch.zeros(len(sequences), dtype=token_logps.dtype).index_add(0, owner, token_logps), counts
+    owner = torch.repeat_interleave(torch.arange(len(sequences), device=device), counts)
+    return torch.zeros(len(sequences), dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps), counts
 
 
 def shared_prefix_length(items: list[Encoded]) -> int:
@@ -117,9 +119,10 @@ def pair_logps(model, items: list[Encoded], pad_id: int, autocast: bool, share_p
         mask = mask[:, None]
     else:  # flash and flex attention take no custom 4D mask
         raise ValueError(f"pair_logps needs sdpa or eager attention, not {attention!r}")
-    at = torch.tensor(source)
+    device = inner.device  # built on the CPU, computed where the model is
+    ids, positions, mask, at = ids.to(device), positions.to(device), mask.to(device), torch.tensor(source, device=device)
     shared = shared_prefix_length(items) if share_prefix else 0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         cache = None
         if shared:
             cache = inner.model(input_ids=ids[:1, :shared], position_ids=positions[:1, :shared],
@@ -129,10 +132,11 @@ def pair_logps(model, items: list[Encoded], pad_id: int, autocast: bool, share_p
                              position_ids=positions[:, shared:], past_key_values=cache,
                              use_cache=cache is not None).last_hidden_state
         logits = inner.lm_head(hidden[at[:, 0], at[:, 1] - shared]).float()
-    owners = torch.tensor(owner)
-    targets = torch.tensor([tok for (p, _, _), row in zip(spans, rows) for tok in row[p:]])  # chosen, then rejected
+    owners = torch.tensor(owner, device=device)
+    targets = torch.tensor([tok for (p, _, _), row in zip(spans, rows) for tok in row[p:]],  # chosen, then rejected
+                           device=device)
     token_logps = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
-    sums = torch.zeros(2 * len(rows), dtype=token_logps.dtype).index_add(0, owners, token_logps)
+    sums = torch.zeros(2 * len(rows), dtype=token_logps.dtype, device=device).index_add(0, owners, token_logps)
     counts = torch.bincount(owners, minlength=2 * len(rows))
     return sums.view(-1, 2), counts.view(-1, 2)
 
@@ -188,7 +192,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     checking, checks = time.monotonic() - started, 0  # the budget's start is the first reading
     for step, items in enumerate(plan, 1):
         logps, counts = pair_logps(model, items, pad, autocast, share_prefix=not config.activation_checkpointing)
-        ref = torch.tensor([references[e.pair_id] for e in items])
+        ref = torch.tensor([references[e.pair_id] for e in items], device=logps.device)
         chosen_rewards = config.beta * (logps[:, 0] - ref[:, 0])
         rejected_rewards = config.beta * (logps[:, 1] - ref[:, 1])
         loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()

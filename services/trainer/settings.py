@@ -58,8 +58,8 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
                            "forward pass per step (off: a 135M-1B model's activations fit; on for long sequences "
                            "or big models)")
     dpo_implementation: Literal["auto", "prefloop", "trl"] = Field(
-        "auto", description="prefloop's CPU loop (services/trainer/lean_dpo.py) or TRL's DPOTrainer; auto: prefloop "
-                            "on CPU, TRL on CUDA and for QLoRA")
+        "auto", description="prefloop's loop (services/trainer/lean_dpo.py, CPU or CUDA) or TRL's DPOTrainer; auto: "
+                            "prefloop, TRL for QLoRA (nf4)")
     max_drift: float = Field(
         0.0, ge=0, description="prefloop's DPO loop stops when the perplexity of the drift monitor (40 medical "
                                "reference answers apart from the gate's guard set) rose more than this (from the "

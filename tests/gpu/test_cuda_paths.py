@@ -79,12 +79,16 @@ def test_the_engine_on_cuda_batches_mixed_requests_and_repeats_seeded_ones(tiny_
     assert max(steps) >= 4  # rows of different requests and settings decoded in the same steps
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "none"])
-def test_dpo_on_cuda_trains_with_trl_and_merges_into_full_precision(tiny_registry, preferences, tmp_path,
-                                                                     quantization):
+@pytest.mark.parametrize("quantization,implementation", [("nf4", "trl"), ("none", "prefloop"), ("none", "trl")])
+def test_dpo_on_cuda_trains_and_merges_into_full_precision(tiny_registry, preferences, tmp_path, quantization,
+                                                           implementation):
+    """QLoRA through TRL (what `auto` picks for nf4), LoRA through prefloop's loop (what it picks otherwise:
+    its drift budget measured on the GPU) and LoRA through TRL."""
     parent = parent_path(tiny_registry)
-    config = DPOJobConfig(quantization=quantization, max_steps=4, learning_rate=2e-3)
-    assert config.resolved_implementation() == "trl"  # TRL's DPOTrainer on CUDA, whatever the quantization
+    config = DPOJobConfig(quantization=quantization, max_steps=4, learning_rate=2e-3, max_drift=1.0,
+                          drift_check_steps=2)
+    assert config.resolved_implementation() == ("trl" if quantization == "nf4" else "prefloop")
+    config.dpo_implementation = implementation
     if quantization == "nf4":
         import bitsandbytes as bnb
 
@@ -93,11 +97,17 @@ def test_dpo_on_cuda_trains_with_trl_and_merges_into_full_precision(tiny_registr
         assert quantized and all(m.weight.device.type == "cuda" for m in quantized)
         assert quantized[0].weight.quant_type == "nf4"
         del policy
+    torch.cuda.reset_peak_memory_stats()
     result = run_dpo(parent, [to_trl_row(p) for p in preferences[:16]], config, tmp_path / "run")
-    assert result.steps == 4 and result.config["implementation"] == "trl"
+    assert torch.cuda.max_memory_allocated() > 0  # it trained on the GPU
+    assert result.steps == 4 and result.config["implementation"] == implementation
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in logged if "loss" in row]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    if implementation == "prefloop":  # the budget's checks at steps 2 and 4, and the kept version's reading
+        drifts = [row["drift/perplexity_change"] for row in logged if "drift/perplexity_change" in row]
+        assert len(drifts) == 2 and all(math.isfinite(v) for v in drifts)
+        assert result.drift_monitor and result.drift_monitor[0] == "torch.bfloat16" and result.drift_monitor[1] > 1
     merged, _ = merge_adapter(parent, result.adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(str(parent))
     assert all(p.dtype == torch.float32 for p in merged.parameters())  # dequantize-then-merge: full precision
@@ -105,9 +115,12 @@ def test_dpo_on_cuda_trains_with_trl_and_merges_into_full_precision(tiny_registr
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
 
 
-def test_a_training_round_on_cuda_runs_qlora_merges_saves_and_gates_on_the_gpu(tiny_registry, preferences, tmp_path):
-    """The trainer service's round as it runs in its pod: ledger pairs, QLoRA nf4 through TRL, the merge,
-    the registry, and the gate's answers and perplexities computed on the GPU."""
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_a_training_round_on_cuda_trains_merges_saves_and_gates_on_the_gpu(tiny_registry, preferences, tmp_path,
+                                                                          quantization):
+    """The trainer service's round as it runs in its pod: ledger pairs, DPO (QLoRA nf4 through TRL, or LoRA
+    through prefloop's loop with a drift budget), the merge, the registry, and the gate's answers and
+    perplexities computed on the GPU."""
     import shutil
 
     from services.trainer.ledger import PreferenceLedger
@@ -121,9 +134,9 @@ def test_a_training_round_on_cuda_runs_qlora_merges_saves_and_gates_on_the_gpu(t
     registry = ModelRegistry(tmp_path / "registry")
     ledger = PreferenceLedger(tmp_path / "ledger")
     ledger.append(preferences)
-    s = TrainerSettings(runs_dir=str(tmp_path / "runs"), ledger_dir=str(tmp_path / "ledger"), quantization="nf4",
-                        max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=2e-3,
-                        eval_prompts=8, eval_samples=1, medical_reference_size=8, general_reference_size=8,
+    s = TrainerSettings(runs_dir=str(tmp_path / "runs"), ledger_dir=str(tmp_path / "ledger"), quantization=quantization,
+                        max_drift=1.0, drift_check_steps=2, max_steps=4, per_device_train_batch_size=2,
+                        gradient_accumulation_steps=1, learning_rate=2e-3, eval_prompts=8, eval_samples=1, medical_reference_size=8, general_reference_size=8,
                         eval_max_new_tokens=16)
     metrics = new_registry()
     runner = TrainingRunner(s, ledger, registry, Outbox(tmp_path / "outbox.sqlite", [MODEL_UPDATES], metrics, "mu"),
@@ -132,7 +145,8 @@ def test_a_training_round_on_cuda_runs_qlora_merges_saves_and_gates_on_the_gpu(t
     assert record.error is None and record.status in {"promoted", "rejected"}, record.error
     assert record.version == "v0002" and set(record.phases) == {"dpo", "merge", "save", "gate"}
     config = registry.get("v0002").training_config
-    assert config["implementation"] == "trl" and config["quantization"] == "nf4"
+    assert config["implementation"] == ("trl" if quantization == "nf4" else "prefloop")
+    assert config["quantization"] == quantization
     summary = record.eval_summary
     assert summary.win_rate_vs_parent is not None and 0.0 <= summary.win_rate_vs_parent <= 1.0
     assert registry.current() == ("v0002" if record.status == "promoted" else "v0001")

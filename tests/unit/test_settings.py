@@ -56,3 +56,17 @@ def test_a_missing_or_empty_or_doubled_secret_file_is_a_clear_error(monkeypatch,
     monkeypatch.setenv("PREFLOOP_GATEWAY_ADMIN_KEY", "k2")
     with pytest.raises(ValidationError, match="not both"):
         GatewaySettings()
+
+
+def test_auto_trains_with_prefloops_loop_on_any_device_and_with_trl_for_qlora(monkeypatch):
+    """The loop carries the recipe's drift budget and schedule tail, which TRL's DPOTrainer does not: a GPU
+    trainer must not lose them by `auto` (it did until 2026-12-04)."""
+    import torch
+
+    from services.trainer.dpo import DPOJobConfig
+
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert DPOJobConfig().resolved_implementation() == "prefloop"
+        assert DPOJobConfig(quantization="nf4").resolved_implementation() == "trl"
+        assert DPOJobConfig(dpo_implementation="trl").resolved_implementation() == "trl"
