@@ -25,7 +25,7 @@ from datasets.utils.logging import disable_progress_bar
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
-from services.trainer.drift_budget import MonitorReadings
+from services.trainer.drift_budget import BudgetCallback, DriftBudget, MonitorReadings
 from services.trainer.lean_dpo import train_lora_dpo
 from services.trainer.recipes import recipe_learning_rate
 from services.trainer.reference_cache import ReferenceCache
@@ -78,12 +78,12 @@ class DPOJobConfig:
     activation_checkpointing: bool = False
     """recompute activations in the backward pass (TRL's default is on; less memory, one more forward pass per step)"""
     max_drift: float = 0.0
-    """prefloop's loop: stop when the drift monitor's perplexity rose more than this and keep the adapter of the
-    last check within it (0: off; drift_budget.py)"""
+    """stop when the drift monitor's perplexity rose more than this and keep the adapter of the last check within
+    it (0: off; drift_budget.py; in TRL's DPOTrainer too, through BudgetCallback)"""
     drift_check_steps: int = 4
     drift_patience: int = 0
-    """prefloop's loop: how many checks in a row past the budget it trains on through before it stops (a check
-    back within the budget is kept; 0: stop at the first)"""
+    """how many checks in a row past the budget training goes on through before it stops (a check back within the
+    budget is kept; 0: stop at the first)"""
     schedule_tail: float = 0.0
     """prefloop's loop: leave the cosine schedule's last steps unrun once the learning rate they would still
     give is at most this share of the schedule's (0: run every step; dpo_schedule.tail_cut)"""
@@ -155,9 +155,6 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
         return _run_lean(parent_path, rows, config, run_dir, recipe, parent, reference_cache, reference, readings)
-    if config.max_drift:
-        log.warning("max_drift %.3f is not applied: the drift budget is prefloop's DPO loop's; TRL trains every "
-                    "planned step", config.max_drift)
     if config.schedule_tail:
         log.warning("schedule_tail %.3f is not applied: TRL runs the schedule to its end", config.schedule_tail)
     cuda = torch.cuda.is_available()
@@ -184,14 +181,45 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
                              target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")
     train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     started = time.monotonic()
+    budget = _trl_budget(config, tok, parent_path, reference, readings) if config.max_drift else None
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tok,
-                         peft_config=peft_config, callbacks=[_MetricsFile(run_dir / "metrics.jsonl")])
+                         peft_config=peft_config,
+                         callbacks=[c for c in (budget, _MetricsFile(run_dir / "metrics.jsonl")) if c])
     trainer.remove_callback(PrinterCallback)  # metrics go to our log/metrics file, not stdout
     trainer.train()
     adapter_dir = run_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # the adapter only
+    trainer.save_model(str(adapter_dir))  # the adapter only: the kept one where the budget stopped training
     history = [h for h in trainer.state.log_history if "loss" in h]
-    return _result(adapter_dir, history, trainer.state.global_step, started, config, lr, run_dir)
+    steps = trainer.state.global_step
+    if budget:
+        budget.annotate(history)
+        if budget.kept_step is not None:
+            log.warning("DPO stopped at step %d of %d: the drift monitor's perplexity rose %+.1f%% (budget %.1f%%); "
+                        "kept the adapter of step %d", steps, trainer.state.max_steps,
+                        100 * budget.readings[steps], 100 * config.max_drift, budget.kept_step)
+            steps = budget.kept_step
+    result = _result(adapter_dir, history, steps, started, config, lr, run_dir)
+    if budget:
+        result.drift_monitor = (str(budget.budget.dtype), budget.budget.kept_perplexity)
+    return result
+
+
+def _trl_budget(config: DPOJobConfig, tok, parent_path: Path, reference: Reference | None,
+                readings: MonitorReadings | None) -> BudgetCallback:
+    """The drift budget for TRL's DPOTrainer: the version as the engine will serve it (the parent's stored
+    weights + the adapter's delta, in the engine's dtype on this device), as in prefloop's loop."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = inference_dtype("auto", device)
+
+    def load_reference():
+        return AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype).to(device)
+
+    def make(model) -> DriftBudget:
+        return DriftBudget(model, tok, config.max_drift, load_reference if reference else None,
+                           lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32),
+                           readings=readings, dtype=dtype)
+
+    return BudgetCallback(make, config.max_drift, config.drift_check_steps, config.drift_patience)
 
 
 def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, config: DPOJobConfig, lr: float,

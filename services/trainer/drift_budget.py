@@ -1,5 +1,6 @@
 """DPO's drift budget: forgetting measured while training, so a round stops before the gate's guard
-would reject it (used by prefloop's loop, services/trainer/lean_dpo.py)."""
+would reject it (in prefloop's loop, services/trainer/lean_dpo.py, and in TRL's DPOTrainer through
+`BudgetCallback`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable, Protocol
 
 import torch
 from peft.tuners.lora import LoraLayer
+from transformers import TrainerCallback
 
 
 class MonitorStore(Protocol):
@@ -78,14 +80,15 @@ class DriftBudget:
     fell short of the safety goal at 20 (docs/alignment-log.md, "Over draws")."""
 
     def __init__(self, model, tokenizer, max_drift: float, load_reference=None, load_parent=None, *,
-                 readings: MonitorReadings | None = None) -> None:
+                 readings: MonitorReadings | None = None, dtype: torch.dtype | None = None) -> None:
         """`load_parent()` returns the parent as the registry keeps it (fp32 on a CPU): the served version is
         its weights + the adapter's delta, rounded once to the serving dtype. Without it the frozen weights
         stand in (exact where they are the stored ones). `readings`: the parent's and the reference's
-        perplexities where they were measured before."""
+        perplexities where they were measured before. `dtype`: the serving dtype, where the frozen weights'
+        is not it (QLoRA's are 4-bit)."""
         self.model, self.tokenizer, self.max_drift = model, tokenizer, max_drift
         self.conversations = list(_monitor_conversations())
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = dtype or next(model.parameters()).dtype
         self.readings = readings
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         # on the policy's device: the adapter's deltas are added to the stored weights there
@@ -137,7 +140,7 @@ class DriftBudget:
         frozen bf16 weights instead of the stored ones, the sum is rounded twice, and a test's adapter read
         5.60% where its version reads 5.42%."""
         for layer, target, parent in self.parent_weights:
-            delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters)
+            delta = sum(fp32_delta(layer, name) for name in layer.active_adapters)
             target.weight.data = (parent + delta).to(target.weight.dtype)
         return self.scratch
 
@@ -149,6 +152,57 @@ class DriftBudget:
 
     def _copy(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.trainable]
+
+
+class BudgetCallback(TrainerCallback):
+    """The drift budget in TRL's DPOTrainer (QLoRA), by the loop's rule (lean_dpo.train_lora_dpo): a check every
+    `check_steps` steps and at the last; more than `patience` checks past the budget in a row, or one at the
+    last step, stop training and restore the adapter of the last check within it. `make_budget(model)`
+    builds the DriftBudget when training begins (TRL wraps the policy in peft first)."""
+
+    def __init__(self, make_budget: Callable[[object], DriftBudget], max_drift: float, check_steps: int,
+                 patience: int) -> None:
+        self.make_budget, self.max_drift, self.check_steps, self.patience = make_budget, max_drift, check_steps, patience
+        self.budget: DriftBudget | None = None
+        self.readings: dict[int, float] = {}
+        self.kept_step: int | None = None
+        """the step whose adapter training ended with, where the budget stopped it"""
+        self._over = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.budget = self.make_budget(model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.check_steps and step != state.max_steps:
+            return
+        drift = self.readings[step] = self.budget.check(step)
+        if drift <= self.max_drift:
+            self._over = 0
+            return
+        self._over += 1
+        if self._over > self.patience or step == state.max_steps:
+            self.kept_step = self.budget.restore()
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # a step's row (not the closing summary, logged at the last step too); callbacks after this one see it
+        if logs is not None and "loss" in logs and state.global_step in self.readings:
+            logs["drift/perplexity_change"] = round(self.readings[state.global_step], 5)
+
+    def annotate(self, history: list[dict]) -> None:
+        """Put each reading on its step's row of TRL's log history (TRL copies a row before callbacks see it)."""
+        for row in history:
+            if row.get("step") in self.readings:
+                row["drift/perplexity_change"] = round(self.readings[row["step"]], 5)
+
+
+def fp32_delta(layer: LoraLayer, name: str) -> torch.Tensor:
+    """Adapter `name`'s change to `layer`'s weight, computed in fp32 as `merge_adapter` computes it (the adapter
+    loaded onto the fp32 parent): QLoRA trains its adapters in bf16, where peft's own `get_delta_weight`
+    multiplies them in bf16 and a reading missed the merged version's by 2.5e-4."""
+    delta = (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
+    return delta.T if layer.fan_in_fan_out else delta
 
 
 def plain_copy(model):

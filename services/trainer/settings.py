@@ -61,7 +61,7 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
         "auto", description="prefloop's loop (services/trainer/lean_dpo.py, CPU or CUDA) or TRL's DPOTrainer; auto: "
                             "prefloop, TRL for QLoRA (nf4)")
     max_drift: float = Field(
-        0.0, ge=0, description="prefloop's DPO loop stops when the perplexity of the drift monitor (40 medical "
+        0.0, ge=0, description="DPO (prefloop's loop and TRL's) stops when the perplexity of the drift monitor (40 medical "
                                "reference answers apart from the gate's guard set) rose more than this (from the "
                                "lower of the parent's and the reference's) and keeps the adapter of the last check "
                                "within it; no check within it: the run is rejected unmerged; 0: off")
@@ -70,7 +70,7 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
         None, ge=0, description="the drift budget of a run whose parent DPO has not trained (the first round; "
                                 "none: max_drift): below max_drift, it leaves the later rounds, counted from the "
                                 "same base, room")
-    drift_patience: int = Field(0, ge=0, description="checks past the drift budget the loop trains on through, in "
+    drift_patience: int = Field(0, ge=0, description="checks past the drift budget training goes on through, in "
                                 "case the monitor comes back within it (the last check within it is kept either "
                                 "way); 0: stop at the first")
     schedule_tail: float = Field(0.0, ge=0, lt=1, description="prefloop's DPO loop leaves the cosine schedule's last "

@@ -82,8 +82,8 @@ def test_the_engine_on_cuda_batches_mixed_requests_and_repeats_seeded_ones(tiny_
 @pytest.mark.parametrize("quantization,implementation", [("nf4", "trl"), ("none", "prefloop"), ("none", "trl")])
 def test_dpo_on_cuda_trains_and_merges_into_full_precision(tiny_registry, preferences, tmp_path, quantization,
                                                            implementation):
-    """QLoRA through TRL (what `auto` picks for nf4), LoRA through prefloop's loop (what it picks otherwise:
-    its drift budget measured on the GPU) and LoRA through TRL."""
+    """QLoRA through TRL (what `auto` picks for nf4), LoRA through prefloop's loop (what it picks otherwise)
+    and LoRA through TRL, each with its drift budget measured on the GPU."""
     parent = parent_path(tiny_registry)
     config = DPOJobConfig(quantization=quantization, max_steps=4, learning_rate=2e-3, max_drift=1.0,
                           drift_check_steps=2)
@@ -104,10 +104,11 @@ def test_dpo_on_cuda_trains_and_merges_into_full_precision(tiny_registry, prefer
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in logged if "loss" in row]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
-    if implementation == "prefloop":  # the budget's checks at steps 2 and 4, and the kept version's reading
-        drifts = [row["drift/perplexity_change"] for row in logged if "drift/perplexity_change" in row]
-        assert len(drifts) == 2 and all(math.isfinite(v) for v in drifts)
-        assert result.drift_monitor and result.drift_monitor[0] == "torch.bfloat16" and result.drift_monitor[1] > 1
+    # the drift budget's checks at steps 2 and 4 (TRL's through BudgetCallback), and the kept version's reading
+    # in the engine's dtype on the GPU
+    drifts = [row["drift/perplexity_change"] for row in logged if "drift/perplexity_change" in row]
+    assert len(drifts) == 2 and all(math.isfinite(v) for v in drifts)
+    assert result.drift_monitor and result.drift_monitor[0] == "torch.bfloat16" and result.drift_monitor[1] > 1
     merged, _ = merge_adapter(parent, result.adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(str(parent))
     assert all(p.dtype == torch.float32 for p in merged.parameters())  # dequantize-then-merge: full precision

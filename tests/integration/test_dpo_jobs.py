@@ -3,6 +3,7 @@ ledger snapshot export that TRL trains on unchanged."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -326,6 +327,50 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     # the monitor is apart from the gate's guard set
     guard = {c[-2]["content"] for c in medical_conversations(10_000)}
     assert len(guard) == 110 and not guard & {c[-2]["content"] for c in drift_monitor_conversations()}
+
+
+def test_the_drift_budget_stops_trls_qlora_by_the_same_rule_and_reads_the_version_as_served(tiny_registry, preferences,
+                                                                                          tmp_path, monkeypatch):
+    """QLoRA trains through TRL's DPOTrainer; its drift budget (BudgetCallback) reads the version the adapter
+    makes over the parent's stored weights, in the engine's dtype (the 4-bit frozen weights are not it), and
+    stops and restores as prefloop's loop does."""
+    from services.trainer.drift_budget import DriftBudget
+    from shared.alignment_data import drift_monitor_conversations
+    from shared.engine import GenerationEngine
+    from shared.evaluation import perplexity
+
+    parent = ModelRegistry(tiny_registry).verified_path("v0001")
+    rows = [to_trl_row(p) for p in preferences if p.split == "train"][:12]
+    settings = dict(learning_rate=2e-2, max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                    drift_check_steps=2, quantization="nf4")
+    assert DPOJobConfig(**settings).resolved_implementation() == "trl"
+    free = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=100.0), tmp_path / "free")
+    change = {h["step"]: h["drift/perplexity_change"] for h in free.history if "drift/perplexity_change" in h}
+    assert free.steps == 6 and sorted(change) == [2, 4, 6] and abs(change[6]) > 1e-3
+    logged = [json.loads(line) for line in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["drift/perplexity_change"]) for row in logged
+            if "drift/perplexity_change" in row] == sorted(change.items())  # once a check, on its step's row
+    shutil.copytree(tiny_registry, tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry")
+    merged, tok = merge_adapter(parent, free.adapter_dir)
+    child = registry.save(merged, tok, kind="dpo", parent="v0001").version
+    served = {v: perplexity(GenerationEngine.from_registry(registry, v), drift_monitor_conversations())
+              for v in ("v0001", child)}
+    assert 1 + change[6] == pytest.approx(served[child] / served["v0001"], abs=6e-6)
+    assert free.drift_monitor == (str(frozen_dtype()), pytest.approx(served[child], rel=1e-5))
+    base = AutoModelForCausalLM.from_pretrained(str(parent))
+    for readings, patience, end, kept in (([10.0, 10.1, 10.5], 0, 4, 2),  # over at step 4: stop there
+                                          ([10.0, 10.5], 0, 2, 0),  # over at the first check: the parent's weights
+                                          ([10.0, 10.5, 10.1, 10.3], 1, 6, 4)):  # over, back within, over at the end
+        monitor = iter(readings)
+        monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
+        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02, drift_patience=patience),
+                         tmp_path / f"end{end}-{kept}-{patience}")
+        assert result.steps == kept and result.history[-1]["step"] == end
+        assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[end // 2] / 10 - 1)
+        merged, _ = merge_adapter(parent, result.adapter_dir)
+        unchanged = all(torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())
+        assert unchanged == (kept == 0)  # step 0 kept: the parent's weights exactly
 
 
 def test_the_drift_budget_counts_from_the_reference_when_it_is_lower_than_the_parent(tiny_registry):
