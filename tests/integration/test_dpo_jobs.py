@@ -276,6 +276,35 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     assert trl.history[0]["rewards/margins"] > 0.05
 
 
+SCRIPTED_STOPS = [
+    # (the monitor's readings: before training, then at steps 2, 4, 6), checks past the 2% budget training goes
+    # on through (drift_patience), the step it stopped at, the step kept
+    ([10.0, 10.1, 10.15, 10.3], 0, 6, 4),  # over the budget at the last step
+    ([10.0, 10.1, 10.5], 0, 4, 2),  # over at step 4: stop there
+    ([10.0, 10.5], 0, 2, 0),  # over at the first check: the parent's weights
+    ([10.0, 10.5, 10.1, 10.3], 1, 6, 4),  # over, back within (kept), over at the last step
+    ([10.0, 10.5, 10.6], 1, 4, 0),  # two checks over in a row: stop at the second
+    ([10.0, 10.5, 10.6, 10.1], 2, 6, 6),  # back within at the last step: its adapter stays
+]
+
+
+def stops_as_scripted(parent, rows, settings: dict, cases, tmp_path, monkeypatch) -> None:
+    """Train 6 steps per case with the monitor's readings scripted; check where DPO stopped and what it kept."""
+    from services.trainer.drift_budget import DriftBudget
+
+    base = AutoModelForCausalLM.from_pretrained(str(parent))
+    for readings, patience, end, kept in cases:
+        monitor = iter(readings)
+        monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
+        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02, drift_patience=patience),
+                         tmp_path / f"end{end}-{kept}-{patience}")
+        assert result.steps == kept and result.history[-1]["step"] == end
+        assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[end // 2] / 10 - 1)
+        merged, _ = merge_adapter(parent, result.adapter_dir)
+        unchanged = all(torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())
+        assert unchanged == (kept == 0)  # step 0 kept: the parent's weights exactly
+
+
 def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_within_it(tiny_registry, preferences,
                                                                                      tmp_path, monkeypatch):
     """max_drift: prefloop's loop measures the drift monitor's perplexity every `drift_check_steps` and, past
@@ -283,7 +312,6 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     adapter of the last check within it (step 0: the parent itself).
     The tiny model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO,
     so the stopping runs script the monitor's readings; the first run measures it for real."""
-    from services.trainer.drift_budget import DriftBudget
     from shared.alignment_data import drift_monitor_conversations, medical_conversations
     from shared.engine import GenerationEngine
     from shared.evaluation import perplexity
@@ -305,25 +333,7 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
               for v in ("v0001", child)}
     ratio = served[child] / served["v0001"]  # the history rounds to 5 places
     assert 1 + change[6] == pytest.approx(ratio, abs=6e-6) and abs(change[6]) > 1e-3
-    base = AutoModelForCausalLM.from_pretrained(str(parent))
-    # (the monitor's readings: before training, then at steps 2, 4, 6), checks past the budget it trains
-    # through (drift_patience), the step it stopped at, the step kept
-    for readings, patience, end, kept in (
-            ([10.0, 10.1, 10.15, 10.3], 0, 6, 4),  # over the 2% budget at the last step
-            ([10.0, 10.1, 10.5], 0, 4, 2),  # over at step 4: stop there
-            ([10.0, 10.5], 0, 2, 0),  # over at the first check: the parent's weights
-            ([10.0, 10.5, 10.1, 10.3], 1, 6, 4),  # over, back within (kept), over at the last step
-            ([10.0, 10.5, 10.6], 1, 4, 0),  # two checks over in a row: stop at the second
-            ([10.0, 10.5, 10.6, 10.1], 2, 6, 6)):  # back within at the last step: its adapter stays
-        monitor = iter(readings)
-        monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
-        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02, drift_patience=patience),
-                         tmp_path / f"end{end}-{kept}-{patience}")
-        assert result.steps == kept and result.history[-1]["step"] == end
-        assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[end // 2] / 10 - 1)
-        merged, _ = merge_adapter(parent, result.adapter_dir)
-        unchanged = all(torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())
-        assert unchanged == (kept == 0)  # step 0 kept: the parent's weights exactly
+    stops_as_scripted(parent, rows, settings, SCRIPTED_STOPS, tmp_path, monkeypatch)
     # the monitor is apart from the gate's guard set
     guard = {c[-2]["content"] for c in medical_conversations(10_000)}
     assert len(guard) == 110 and not guard & {c[-2]["content"] for c in drift_monitor_conversations()}
@@ -334,7 +344,6 @@ def test_the_drift_budget_stops_trls_qlora_by_the_same_rule_and_reads_the_versio
     """QLoRA trains through TRL's DPOTrainer; its drift budget (BudgetCallback) reads the version the adapter
     makes over the parent's stored weights, in the engine's dtype (the 4-bit frozen weights are not it), and
     stops and restores as prefloop's loop does."""
-    from services.trainer.drift_budget import DriftBudget
     from shared.alignment_data import drift_monitor_conversations
     from shared.engine import GenerationEngine
     from shared.evaluation import perplexity
@@ -358,19 +367,7 @@ def test_the_drift_budget_stops_trls_qlora_by_the_same_rule_and_reads_the_versio
               for v in ("v0001", child)}
     assert 1 + change[6] == pytest.approx(served[child] / served["v0001"], abs=6e-6)
     assert free.drift_monitor == (str(frozen_dtype()), pytest.approx(served[child], rel=1e-5))
-    base = AutoModelForCausalLM.from_pretrained(str(parent))
-    for readings, patience, end, kept in (([10.0, 10.1, 10.5], 0, 4, 2),  # over at step 4: stop there
-                                          ([10.0, 10.5], 0, 2, 0),  # over at the first check: the parent's weights
-                                          ([10.0, 10.5, 10.1, 10.3], 1, 6, 4)):  # over, back within, over at the end
-        monitor = iter(readings)
-        monkeypatch.setattr(DriftBudget, "perplexity", lambda self, model: next(monitor))
-        result = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=0.02, drift_patience=patience),
-                         tmp_path / f"end{end}-{kept}-{patience}")
-        assert result.steps == kept and result.history[-1]["step"] == end
-        assert result.history[-1]["drift/perplexity_change"] == pytest.approx(readings[end // 2] / 10 - 1)
-        merged, _ = merge_adapter(parent, result.adapter_dir)
-        unchanged = all(torch.equal(v, base.state_dict()[k]) for k, v in merged.state_dict().items())
-        assert unchanged == (kept == 0)  # step 0 kept: the parent's weights exactly
+    stops_as_scripted(parent, rows, settings, SCRIPTED_STOPS[1:4], tmp_path, monkeypatch)
 
 
 def test_the_drift_budget_counts_from_the_reference_when_it_is_lower_than_the_parent(tiny_registry):
