@@ -276,6 +276,22 @@ def test_a_root_reference_keeps_the_margins_a_replayed_pair_won_in_an_earlier_ro
     assert trl.history[0]["rewards/margins"] > 0.05
 
 
+def served_monitor(tiny_registry, adapter_dir, tmp_path) -> tuple[float, float]:
+    """The drift monitor's perplexity under v0001 and under the version `adapter_dir` makes, as the gate
+    measures them: merged, saved in the parent's dtype, loaded by the engine in its own."""
+    from shared.alignment_data import drift_monitor_conversations
+    from shared.engine import GenerationEngine
+    from shared.evaluation import perplexity
+
+    shutil.copytree(tiny_registry, tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry")
+    merged, tok = merge_adapter(registry.verified_path("v0001"), adapter_dir)
+    child = registry.save(merged, tok, kind="dpo", parent="v0001").version
+    before, after = (perplexity(GenerationEngine.from_registry(registry, v), drift_monitor_conversations())
+                     for v in ("v0001", child))
+    return before, after
+
+
 SCRIPTED_STOPS = [
     # (the monitor's readings: before training, then at steps 2, 4, 6), checks past the 2% budget training goes
     # on through (drift_patience), the step it stopped at, the step kept
@@ -313,8 +329,6 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     The tiny model's monitor perplexity (thousands on medical text) falls as often as it rises under DPO,
     so the stopping runs script the monitor's readings; the first run measures it for real."""
     from shared.alignment_data import drift_monitor_conversations, medical_conversations
-    from shared.engine import GenerationEngine
-    from shared.evaluation import perplexity
 
     parent = ModelRegistry(tiny_registry).verified_path("v0001")
     rows = [to_trl_row(p) for p in preferences if p.split == "train"][:12]
@@ -323,15 +337,9 @@ def test_the_drift_budget_stops_dpo_and_keeps_the_adapter_of_the_last_check_with
     free = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=100.0), tmp_path / "free")
     change = {h["step"]: h["drift/perplexity_change"] for h in free.history if "drift/perplexity_change" in h}
     assert free.steps == 6 and sorted(change) == [2, 4, 6] and len(set(change.values())) == 3
-    # each reading is the version the adapter makes, as the gate measures it: merged, saved in the
-    # parent's dtype, loaded by the engine in its own
-    shutil.copytree(tiny_registry, tmp_path / "registry")
-    registry = ModelRegistry(tmp_path / "registry")
-    merged, tok = merge_adapter(parent, free.adapter_dir)
-    child = registry.save(merged, tok, kind="dpo", parent="v0001").version
-    served = {v: perplexity(GenerationEngine.from_registry(registry, v), drift_monitor_conversations())
-              for v in ("v0001", child)}
-    ratio = served[child] / served["v0001"]  # the history rounds to 5 places
+    # each reading is the version the adapter makes, as the gate measures it
+    before, after = served_monitor(tiny_registry, free.adapter_dir, tmp_path)
+    ratio = after / before  # the history rounds to 5 places
     assert 1 + change[6] == pytest.approx(ratio, abs=6e-6) and abs(change[6]) > 1e-3
     stops_as_scripted(parent, rows, settings, SCRIPTED_STOPS, tmp_path, monkeypatch)
     # the monitor is apart from the gate's guard set
@@ -344,10 +352,6 @@ def test_the_drift_budget_stops_trls_qlora_by_the_same_rule_and_reads_the_versio
     """QLoRA trains through TRL's DPOTrainer; its drift budget (BudgetCallback) reads the version the adapter
     makes over the parent's stored weights, in the engine's dtype (the 4-bit frozen weights are not it), and
     stops and restores as prefloop's loop does."""
-    from shared.alignment_data import drift_monitor_conversations
-    from shared.engine import GenerationEngine
-    from shared.evaluation import perplexity
-
     parent = ModelRegistry(tiny_registry).verified_path("v0001")
     rows = [to_trl_row(p) for p in preferences if p.split == "train"][:12]
     settings = dict(learning_rate=2e-2, max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
@@ -359,14 +363,9 @@ def test_the_drift_budget_stops_trls_qlora_by_the_same_rule_and_reads_the_versio
     logged = [json.loads(line) for line in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], row["drift/perplexity_change"]) for row in logged
             if "drift/perplexity_change" in row] == sorted(change.items())  # once a check, on its step's row
-    shutil.copytree(tiny_registry, tmp_path / "registry")
-    registry = ModelRegistry(tmp_path / "registry")
-    merged, tok = merge_adapter(parent, free.adapter_dir)
-    child = registry.save(merged, tok, kind="dpo", parent="v0001").version
-    served = {v: perplexity(GenerationEngine.from_registry(registry, v), drift_monitor_conversations())
-              for v in ("v0001", child)}
-    assert 1 + change[6] == pytest.approx(served[child] / served["v0001"], abs=6e-6)
-    assert free.drift_monitor == (str(frozen_dtype()), pytest.approx(served[child], rel=1e-5))
+    before, after = served_monitor(tiny_registry, free.adapter_dir, tmp_path)
+    assert 1 + change[6] == pytest.approx(after / before, abs=6e-6)
+    assert free.drift_monitor == (str(frozen_dtype()), pytest.approx(after, rel=1e-5))
     stops_as_scripted(parent, rows, settings, SCRIPTED_STOPS[1:4], tmp_path, monkeypatch)
 
 
