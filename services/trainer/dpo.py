@@ -30,7 +30,7 @@ from services.trainer.lean_dpo import train_lora_dpo
 from services.trainer.recipes import recipe_learning_rate
 from services.trainer.reference_cache import ReferenceCache
 from services.trainer.sft import fit_trl_logprob_tiles
-from shared.engine import inference_dtype
+from shared.engine import inference_dtype, pick_device_and_dtype
 from shared.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -208,16 +208,11 @@ def _trl_budget(config: DPOJobConfig, tok, parent_path: Path, reference: Referen
                 readings: MonitorReadings | None) -> BudgetCallback:
     """The drift budget for TRL's DPOTrainer: the version as the engine will serve it (the parent's stored
     weights + the adapter's delta, in the engine's dtype on this device), as in prefloop's loop."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = inference_dtype("auto", device)
-
-    def load_reference():
-        return AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype).to(device)
+    load_reference, load_parent = budget_loaders(parent_path, reference)
 
     def make(model) -> DriftBudget:
-        return DriftBudget(model, tok, config.max_drift, load_reference if reference else None,
-                           lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32),
-                           readings=readings, dtype=dtype)
+        return DriftBudget(model, tok, config.max_drift, load_reference, load_parent, readings=readings,
+                           dtype=frozen_dtype())
 
     return BudgetCallback(make, config.max_drift, config.drift_check_steps, config.drift_patience)
 
@@ -234,8 +229,17 @@ def _result(adapter_dir: Path, history: list[dict], steps: int, started: float, 
 
 
 def training_device() -> torch.device:
-    """Where prefloop's loop trains: the GPU where there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where prefloop's loop trains: the GPU where there is one (the engine's rule)."""
+    return pick_device_and_dtype()[0]
+
+
+def budget_loaders(parent_path: Path, reference: Reference | None):
+    """What a drift budget loads (`DriftBudget`'s `load_reference`, `load_parent`): the reference in the frozen
+    dtype on the training device (None where the parent is the reference), and the parent as stored (fp32)."""
+    dtype, device = frozen_dtype(), training_device()
+    load_reference = ((lambda: AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype).to(device))
+                      if reference else None)
+    return load_reference, lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32)
 
 
 def frozen_dtype() -> torch.dtype:
@@ -250,11 +254,9 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
     """prefloop's loop: frozen base in bf16 where the device computes it natively, cached references. The
     parent as stored (fp32) is loaded once more for the drift budget, which measures the version as served."""
     tok = AutoTokenizer.from_pretrained(str(parent_path))
-    dtype, device = frozen_dtype(), training_device()
-    model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=frozen_dtype()).to(training_device())
     # the reference's log-probs are cached, so the root is loaded only when some are missing
-    load_reference = ((lambda: AutoModelForCausalLM.from_pretrained(str(reference.weights()), dtype=dtype).to(device))
-                      if reference else None)
+    load_reference, load_parent = budget_loaders(parent_path, reference)
     lr = config.resolved_learning_rate(recipe)
     metrics = run_dir / "metrics.jsonl"
     started = time.monotonic()
@@ -266,7 +268,7 @@ def _run_lean(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir
     peft_model, history, steps, monitor = train_lora_dpo(
         model, tok, rows, config, learning_rate=lr, cache=cache, on_log=on_log, load_reference=load_reference,
         parent=reference.version if reference else parent or str(parent_path), readings=readings,
-        load_parent=lambda: AutoModelForCausalLM.from_pretrained(str(parent_path), dtype=torch.float32))
+        load_parent=load_parent)
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))  # the adapter only
     result = _result(adapter_dir, history, steps, started, config, lr, run_dir)
