@@ -25,6 +25,7 @@ from datasets.utils.logging import disable_progress_bar
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
+from services.trainer.dpo_schedule import ScheduleTail
 from services.trainer.drift_budget import BudgetCallback, DriftBudget, MonitorReadings
 from services.trainer.lean_dpo import train_lora_dpo
 from services.trainer.recipes import recipe_learning_rate
@@ -85,13 +86,14 @@ class DPOJobConfig:
     """how many checks in a row past the budget training goes on through before it stops (a check back within the
     budget is kept; 0: stop at the first)"""
     schedule_tail: float = 0.0
-    """prefloop's loop: leave the cosine schedule's last steps unrun once the learning rate they would still
-    give is at most this share of the schedule's (0: run every step; dpo_schedule.tail_cut)"""
+    """leave the schedule's last steps unrun once the learning rate they would still give is at most this share
+    of the schedule's (0: run every step; dpo_schedule.tail_cut; in TRL's DPOTrainer through ScheduleTail)"""
     seed: int = 42
     logging_steps: int = 1
     dpo_implementation: Literal["auto", "prefloop", "trl"] = "auto"
-    """auto: prefloop's loop (lean_dpo.py: the drift budget, the schedule's tail, cached references) on CPU and
-    CUDA, TRL's DPOTrainer for QLoRA (nf4), where the loop's frozen weights would be 4-bit"""
+    """auto: prefloop's loop (lean_dpo.py: cached references, the pair rows, length-grouped batches) on CPU and
+    CUDA, TRL's DPOTrainer for QLoRA (nf4), where the loop's frozen weights would be 4-bit; both keep the drift
+    budget and the schedule's tail"""
     recipe: str | None = None
     """the base model whose recipe (recipes.py) filled some of these fields, for the run's record"""
 
@@ -155,8 +157,6 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resolved_implementation() == "prefloop":
         return _run_lean(parent_path, rows, config, run_dir, recipe, parent, reference_cache, reference, readings)
-    if config.schedule_tail:
-        log.warning("schedule_tail %.3f is not applied: TRL runs the schedule to its end", config.schedule_tail)
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(str(parent_path))
     tok.padding_side = "left"
@@ -181,10 +181,11 @@ def run_dpo(parent_path: Path, rows: list[dict], config: DPOJobConfig, run_dir: 
                              target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")
     train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     started = time.monotonic()
+    tail = ScheduleTail(config.schedule_tail) if config.schedule_tail else None  # before the budget
     budget = _trl_budget(config, tok, parent_path, reference, readings) if config.max_drift else None
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, processing_class=tok,
                          peft_config=peft_config,
-                         callbacks=[c for c in (budget, _MetricsFile(run_dir / "metrics.jsonl")) if c])
+                         callbacks=[c for c in (tail, budget, _MetricsFile(run_dir / "metrics.jsonl")) if c])
     trainer.remove_callback(PrinterCallback)  # metrics go to our log/metrics file, not stdout
     trainer.train()
     adapter_dir = run_dir / "adapter"

@@ -2,9 +2,15 @@
 to zero) as a plain function of the step, and where to stop it (`schedule_tail`). The loop needs every
 step's factor before it runs, to cut the schedule's tail; transformers' `get_cosine_schedule_with_warmup`
 is a LambdaLR bound to an optimizer. One difference: a warmup step's factor is
-(step + 1) / warmup, so the first step trains (transformers' lambda gives step 0 a factor of 0)."""
+(step + 1) / warmup, so the first step trains (transformers' lambda gives step 0 a factor of 0).
+`ScheduleTail` cuts TRL's own schedule by the same rule."""
 
+import logging
 import math
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
 
 
 def cosine_with_warmup(step: int, *, warmup: int, steps: int) -> float:
@@ -25,3 +31,33 @@ def tail_cut(factors: list[float], tail: float) -> int:
         if left > tail * total:
             return run
     return min(1, len(factors))
+
+
+def steps_to_run(factors: list[float], tail: float) -> int:
+    """`tail_cut`, and a log line where it leaves steps unrun."""
+    run = tail_cut(factors, tail)
+    if run < len(factors):
+        log.info("the schedule's last %d of %d steps carry %.1f%% of its learning rate: %d steps run",
+                 len(factors) - run, len(factors), 100 * sum(factors[run:]) / sum(factors), run)
+    return run
+
+
+class ScheduleTail(TrainerCallback):
+    """`schedule_tail` in TRL's DPOTrainer (QLoRA): the schedule it built for its `max_steps` keeps its shape,
+    and training ends where `tail_cut` ends prefloop's loop. Lowering `state.max_steps` to that step makes
+    transformers' DefaultFlowCallback stop training there and BudgetCallback check it as the last step; this
+    callback must come before BudgetCallback. A scheduler without per-step factors (not a LambdaLR) runs to
+    its end, and says so."""
+
+    def __init__(self, tail: float) -> None:
+        self.tail = tail
+        self.steps: int | None = None
+        """the steps that run, once training began"""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+        if not lambdas:
+            log.warning("schedule_tail %.3f is not applied: %s has no per-step factors", self.tail,
+                        type(lr_scheduler).__name__)
+            return
+        self.steps = state.max_steps = steps_to_run([lambdas[0](step) for step in range(state.max_steps)], self.tail)

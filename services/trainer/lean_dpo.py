@@ -39,7 +39,7 @@ from peft import LoraConfig, get_peft_model
 
 from services.trainer.drift_budget import DriftBudget, MonitorReadings
 from services.trainer.dpo_pairs import Encoded, encode, length_grouped, row_length
-from services.trainer.dpo_schedule import cosine_with_warmup, tail_cut
+from services.trainer.dpo_schedule import cosine_with_warmup, steps_to_run
 from services.trainer.reference_cache import ReferenceCache
 from shared.evaluation import SHARED_PREFIX_MIN
 
@@ -170,11 +170,7 @@ def train_lora_dpo(model, tokenizer, rows: list[dict], config, *, learning_rate:
     horizon = len(plan)  # the schedule's length; `schedule_tail` may leave its last steps unrun
     factor = partial(cosine_with_warmup, warmup=math.ceil(config.warmup_ratio * horizon), steps=horizon)
     if config.schedule_tail:
-        factors = [factor(i) for i in range(horizon)]
-        plan = plan[:tail_cut(factors, config.schedule_tail)]
-        if len(plan) < horizon:
-            log.info("the schedule's last %d of %d steps carry %.1f%% of its learning rate: %d steps run",
-                     horizon - len(plan), horizon, 100 * sum(factors[len(plan):]) / sum(factors), len(plan))
+        plan = plan[:steps_to_run([factor(i) for i in range(horizon)], config.schedule_tail)]
     planned = list({e.pair_id: e for items in plan for e in items}.values())
     if len(planned) < len(data):  # the plan ends inside an epoch: those pairs never meet the reference
         log.info("%d of %d pairs are past the plan's %d steps: their reference log-probs are not computed",

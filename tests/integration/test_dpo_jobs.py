@@ -366,6 +366,13 @@ def test_the_drift_budget_stops_trls_qlora_by_the_same_rule_and_reads_the_versio
     before, after = served_monitor(tiny_registry, free.adapter_dir, tmp_path)
     assert 1 + change[6] == pytest.approx(after / before, abs=6e-6)
     assert free.drift_monitor == (str(frozen_dtype()), pytest.approx(after, rel=1e-5))
+    # schedule_tail cuts TRL's own schedule as it cuts the loop's: of its 6 steps (one warmup step, at 0 in
+    # transformers' cosine), the last carries 3.2% of the rate; 5 run, at the full schedule's rates, and the
+    # budget checks the last that runs
+    tail = run_dpo(parent, rows, DPOJobConfig(**settings, max_drift=100.0, schedule_tail=0.1), tmp_path / "tail")
+    assert tail.steps == 5 and [h["step"] for h in tail.history] == [1, 2, 3, 4, 5]
+    assert [h["learning_rate"] for h in tail.history] == [h["learning_rate"] for h in free.history[:5]]
+    assert [h["step"] for h in tail.history if "drift/perplexity_change" in h] == [2, 4, 5]
     stops_as_scripted(parent, rows, settings, SCRIPTED_STOPS[1:4], tmp_path, monkeypatch)
 
 
