@@ -152,7 +152,9 @@ int prefloop_decode_attention(const void *qkv, const void *cos, const void *sin,
     const int team = (size_t)threads > items ? (int)items : threads > 1 ? threads : 1; /* a scores buffer each */
     float *scores = malloc(sizeof(float) * (size_t)team * group * longest); /* before anything is written */
     if (!scores) return -1;
-#pragma omp parallel for schedule(static) num_threads(team)
+/* dynamic: rows differ in length, and a static split left one thread idle at the end (micro-benchmark, 32 rows
+ * at 120-240 positions, 30 layers: 8.5 and 10.0 ms a step against 8.8 and 10.7 static) */
+#pragma omp parallel for schedule(dynamic, 2) num_threads(team)
     for (size_t it = 0; it < items; it++) {
         size_t r = it / kv_heads, h = it % kv_heads;
         const char *row = (const char *)qkv + r * qkv_row * width;
