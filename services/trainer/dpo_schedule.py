@@ -38,7 +38,7 @@ def steps_to_run(factors: list[float], tail: float) -> int:
     run = tail_cut(factors, tail)
     if run < len(factors):
         log.info("the schedule's last %d of %d steps carry %.1f%% of its learning rate: %d steps run",
-                 len(factors) - run, len(factors), 100 * sum(factors[run:]) / sum(factors), run)
+                 len(factors) - run, len(factors), 100 * sum(factors[run:]) / (sum(factors) or 1), run)
     return run
 
 
