@@ -51,8 +51,6 @@ class ScheduleTail(TrainerCallback):
 
     def __init__(self, tail: float) -> None:
         self.tail = tail
-        self.steps: int | None = None
-        """the steps that run, once training began"""
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         lambdas = getattr(lr_scheduler, "lr_lambdas", None)
@@ -60,4 +58,4 @@ class ScheduleTail(TrainerCallback):
             log.warning("schedule_tail %.3f is not applied: %s has no per-step factors", self.tail,
                         type(lr_scheduler).__name__)
             return
-        self.steps = state.max_steps = steps_to_run([lambdas[0](step) for step in range(state.max_steps)], self.tail)
+        state.max_steps = steps_to_run([lambdas[0](step) for step in range(state.max_steps)], self.tail)
