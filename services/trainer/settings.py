@@ -74,8 +74,8 @@ class TrainerSettings(ServiceSettings, AdminKeySettings):
                                 "case the monitor comes back within it (the last check within it is kept either "
                                 "way); 0: stop at the first")
     schedule_tail: float = Field(0.0, ge=0, lt=1, description="DPO (prefloop's loop and TRL's) leaves the "
-                                 "schedule's last steps unrun once the learning rate they would still give is at most this share of "
-                                 "the schedule's (0.05 of 28 steps: 20 run); 0: every step")
+                                 "schedule's last steps unrun once the learning rate they would still give is at "
+                                 "most this share of the schedule's (0.05 of 28 steps: 20 run); 0: every step")
     seed: int = Field(42, description="DPO's seed (initialisation, dropout, batch order) and the replay sample's")
     # gate
     min_win_ci_lower: float = Field(0.5, ge=-1, le=1, description="promote only when the lower bound of the 95% CI "
