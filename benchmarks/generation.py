@@ -150,7 +150,7 @@ def decode_rate(engine: GenerationEngine, prompts: list[PromptEvent], rows: int,
     steps: list[tuple[int, float]] = []
     decoder = GenerationEngine(engine.model, engine.tokenizer, engine.version, max_batch_size=rows,
                                on_step=lambda n, seconds: steps.append((n, seconds)),
-                               native_attention=engine.native_attention)
+                               native_kernels=engine.native_kernels)
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens)
         questions = (prompts * (2 * rows // len(prompts) + 1))[:2 * rows]
@@ -178,7 +178,7 @@ def main() -> None:
 
     engine = GenerationEngine.from_registry(ModelRegistry(root), max_batch_size=settings.max_batch_sequences,
                                             overflow=settings.overflow, dtype=settings.engine.dtype,
-                                            native_attention=settings.engine.native_attention)
+                                            native_kernels=settings.engine.native_kernels)
     if work is not None:
         shutil.rmtree(work)  # loaded: a registry made for this run is not kept
     from transformers import pipeline
@@ -229,8 +229,8 @@ def main() -> None:
           f"[{c.hidden_size} x {c.intermediate_size}] in {engine.dtype}; {per_token / 1e9:.3f} GFLOP per token "
           f"= 2 x ({non_embedding / 1e6:.1f} M non-embedding + {head / 1e6:.1f} M lm_head parameters)")
     print(f"decode at {args.decode_rows} sequences: bound {bound:.0f} tokens/s, engine {decode:.0f} tokens/s "
-          f"({decode / bound:.0%} of the bound; {full_steps} full steps, prefill excluded; attention: "
-          f"{engine.attention}); best of {REPEATS} each, "
+          f"({decode / bound:.0%} of the bound; {full_steps} full steps, prefill excluded; kernels: "
+          f"{engine.kernels}); best of {REPEATS} each, "
           f"the engine's runs {', '.join(f'{d:.0f}' for d, _ in decodes)} tokens/s, the bound's "
           f"{', '.join(f'{max(m) / per_token:.0f}' for m in measured)}")
     print(f"ratio: {service.rate / seed.rate:.2f}")

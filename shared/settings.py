@@ -37,9 +37,18 @@ class EngineSettings(BaseSettings):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="inference dtype; auto: bf16 where the hardware computes it natively, else fp32")
-    native_attention: bool = Field(
-        True, description="CPU decode attention with shared/engine/attention.c, compiled on first use (needs a C "
+    native_kernels: bool = Field(
+        True, description="CPU decoding with the C kernels in shared/engine (attention.c: decode attention; "
+                          "layer_ops.c: residual add + RMS norm, silu(gate) * up), compiled on first use (needs a C "
                           "compiler; without one, or when false, torch's ops)")
+    native_attention: bool | None = Field(
+        None, description="the old name of native_kernels, still read: when set, it is what native_kernels takes")
+
+    @model_validator(mode="after")
+    def _old_name(self) -> "EngineSettings":
+        if self.native_attention is not None:
+            self.native_kernels = self.native_attention
+        return self
 
 
 class LogSettings(BaseSettings):

@@ -38,7 +38,7 @@ def model_follower(settings: GatewaySettings, metrics: CollectorRegistry) -> Mod
     def engine(version: str) -> GenerationEngine:
         return GenerationEngine.from_registry(registry, version, max_batch_size=settings.max_batch_sequences,
                                               overflow="reject", dtype=settings.engine.dtype,
-                                              native_attention=settings.engine.native_attention,
+                                              native_kernels=settings.engine.native_kernels,
                                               on_step=engine_metrics.on_step, shared_prefix=shared_prefix)
 
     return ModelFollower(registry, metrics, "gateway", engine_factory=engine)

@@ -40,7 +40,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
         registry = ModelRegistry(settings.registry_dir)
         follower = ModelFollower(registry, metrics, "generator", engine_factory=lambda version: GenerationEngine.from_registry(
             registry, version, max_batch_size=settings.max_batch_sequences, overflow=settings.overflow,
-            dtype=settings.engine.dtype, native_attention=settings.engine.native_attention))
+            dtype=settings.engine.dtype, native_kernels=settings.engine.native_kernels))
         sampler = CandidateSampler(follower, producer, CANDIDATES.with_prefix(prefix),
                                    PROMPTS.with_prefix(prefix).dead_letter, metrics,
                                    seed_salt=settings.sampling_seed)

@@ -65,12 +65,12 @@ class CachedVersion:
     need only the version, its weights' id and the dtype it would run in."""
 
     def __init__(self, registry: ModelRegistry, version: str, *, dtype: str, max_batch_size: int,
-                 native_attention: bool = True) -> None:
+                 native_kernels: bool = True) -> None:
         self.version = version
         self.weights_id = registry.weights_id(version)
         self.dtype = inference_dtype(dtype)
         self._load = lambda: GenerationEngine.from_registry(registry, version, dtype=dtype, max_batch_size=max_batch_size,
-                                                            native_attention=native_attention)
+                                                            native_kernels=native_kernels)
         self.engine: GenerationEngine | None = None
 
     def __getattr__(self, name: str):
@@ -117,7 +117,7 @@ class Gate:
 
         def load(version: str) -> CachedVersion:
             return CachedVersion(self.registry, version, dtype=s.engine.dtype, max_batch_size=rows,
-                                 native_attention=s.engine.native_attention)
+                                 native_kernels=s.engine.native_kernels)
 
         with load(new_version) as new, load(parent) as old:
             vs_parent = compare(new, old, prompts, judge, sampling, self.answers, s.eval_samples, s.eval_seed)

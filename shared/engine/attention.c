@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 #ifdef _OPENMP
@@ -32,29 +34,6 @@ static int omp_thread(void) { return 0; }
 #endif
 
 #define PREFETCH_ROWS 16 /* positions ahead: with it a step read the cache about 25% faster */
-
-static inline __attribute__((always_inline)) float load(const void *p, size_t i, const int bf16) {
-    if (!bf16) return ((const float *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline __attribute__((always_inline)) void store(void *p, size_t i, float f, const int bf16) {
-    if (!bf16) {
-        ((float *)p)[i] = f;
-        return;
-    }
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch's .to(bfloat16) */
-    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
-}
 
 /* Cache position l of one slot as fp32 into row, prefetching PREFETCH_ROWS positions ahead. */
 static inline __attribute__((always_inline)) void cache_row(const void *slot, int l, float *row, const int D,

@@ -12,6 +12,8 @@ Mistral and Qwen2 share; `supports()` says whether a model has it (others use th
 in `fallback.py`). Attention is computed here: per row, over that row's own positions; a decode
 step's attention, on CPU, by `attention.c` (native_attention.py), which also rotates and writes the
 new keys and values and reads each row's positions in place, else by torch's ops (torch_attention.py).
+On CPU each residual add and the RMS norm after it, and the MLP's silu(gate) * up, run fused in
+`layer_ops.c` (native_layer_ops.py).
 
 Active rows are kept in slots 0..n-1 (a freed slot is filled by moving the last row into it),
 so the cache of the active rows is one strided view and attention needs no gather (torch's ops
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.engine.native_attention import decode_attention
+from shared.engine.native_layer_ops import layer_ops
 from shared.engine.torch_attention import TorchDecodeAttention, rotated
 
 ROW_BLOCK = 8
@@ -99,10 +102,6 @@ class LayerProjections:
         self.gate_up = Projection(mlp.gate_proj, mlp.up_proj)
         self.down = Projection(mlp.down_proj)
 
-    def feed_forward(self, y: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(y).chunk(2, -1)
-        return self.down(F.silu(gate) * up)
-
 
 def supports(model) -> bool:
     """True for decoder-only models with the Llama module layout (and nothing this decoder would skip)."""
@@ -127,7 +126,7 @@ class SlotDecoder:
     """Prefill prompts into slots, decode one token for every active slot, free slots."""
 
     def __init__(self, model, max_rows: int = ROW_BLOCK, pinned_prefix: list[int] | None = None,
-                 native_attention: bool = True) -> None:
+                 native_kernels: bool = True) -> None:
         self.model = model
         self.pinned_prefix = pinned_prefix
         """None: a prompt reuses what it shares with the previous prompt. A list: only these leading
@@ -148,9 +147,11 @@ class SlotDecoder:
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
         self.native_attention = decode_attention(self.dtype, self.device, self.kv_heads, self.group, self.head_dim,
-                                                 self.scaling) if native_attention else None
+                                                 self.scaling) if native_kernels else None
         """decode attention read in place from the cache, each row over its own positions
         (native_attention.py); None, or where it returns None: torch_attention"""
+        self.layer_ops = layer_ops(self.dtype, self.device, native_kernels)
+        """residual add + norm and silu(gate) * up: layer_ops.c's on CPU, else the modules' own"""
         self.torch_attention = TorchDecodeAttention(self.heads, self.kv_heads, self.head_dim, self.scaling,
                                                     self.device, self.dtype)
         self.max_rows = max(ROW_BLOCK, max_rows)
@@ -243,15 +244,16 @@ class SlotDecoder:
         return last if slot != last else None
 
     # -- forward passes -----------------------------------------------------------
-    def _qkv(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer i's q, k and v projections side by side, [..., (heads + 2 kv_heads) * d], not yet rotated."""
-        part = self.projections[i]
-        return part.qkv(part.layer.input_layernorm(x))
-
-    def _finish_layer(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        part = self.projections[i]
-        x = x + part.o(o)
-        return x + part.feed_forward(part.layer.post_attention_layernorm(x))
+    def _layers(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """Every layer over x [rows, hidden]; attend(i, qkv) gives layer i's attention output [rows, heads * d]
+        from its q, k and v projections side by side (not yet rotated). Returns the final norm's output.
+        Each residual add is done by the norm that follows it."""
+        ops, pending = self.layer_ops, None
+        for i, part in enumerate(self.projections):
+            h, x = ops.norm(part.layer.input_layernorm, x, pending)
+            h, x = ops.norm(part.layer.post_attention_layernorm, x, part.o(attend(i, part.qkv(h))))
+            pending = part.down(ops.silu_mul(part.gate_up(h)))
+        return ops.norm(self.norm, x, pending)[0]
 
     def _shared_prefix(self, ids: list[int]) -> int:
         """Leading tokens of `ids` that the previous prompt had: their cache is copied, not computed
@@ -288,23 +290,26 @@ class SlotDecoder:
         values = torch.empty_like(keys)
         if shared:
             keys[:, :, :shared], values[:, :, :shared] = self._prefix[1][:, :, :shared], self._prefix[2][:, :, :shared]
-        for i in range(len(self.layers)):
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             q, k, v = (t.transpose(0, 1)  # [heads, n - shared, d]
-                       for t in rotated(self._qkv(i, x), cos, sin, self.heads, h, self.head_dim))
+                       for t in rotated(qkv, cos, sin, self.heads, h, self.head_dim))
             keys[i, :, shared:], values[i, :, shared:] = k, v
             for slot in range(first, first + copies):
                 self.k[i, slot * h:(slot + 1) * h, :n] = keys[i]
                 self.v[i, slot * h:(slot + 1) * h, :n] = values[i]
             o = F.scaled_dot_product_attention(q[None], keys[i][None], values[i][None], attn_mask=mask,
                                                is_causal=mask is None, scale=self.scaling, enable_gqa=True)
-            x = self._finish_layer(i, x, o[0].transpose(0, 1).reshape(n - shared, -1))
+            return o[0].transpose(0, 1).reshape(n - shared, -1)
+
+        last = self._layers(x, attend)[-1:]
         if self.pinned_prefix is None:
             self._prefix = (list(ids), keys, values)
         elif self._prefix is None and self._begins_with_pinned(ids):
             p = len(self.pinned_prefix)
             self._prefix = (list(self.pinned_prefix), keys[:, :, :p].clone(), values[:, :, :p].clone())
         self.positions = torch.cat([self.positions, torch.full((copies,), n, dtype=torch.long, device=self.device)])
-        return self.head(self.norm(x[-1])).float()
+        return self.head(last)[0].float()
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -313,11 +318,11 @@ class SlotDecoder:
         self._reserve(self.active, int(positions.max()) + 1)
         x = self.embed(tokens.to(self.device))  # [n, hidden]
         cos, sin = (t[:, 0, None] for t in self.rotary(x, positions[:, None]))  # [n, 1, d]
-        for i in range(len(self.layers)):
-            qkv = self._qkv(i, x)
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             o = self.native_attention(qkv, cos, sin, self.k[i], self.v[i], positions) if self.native_attention else None
-            if o is None:
-                o = self.torch_attention(qkv, cos, sin, self.k[i], self.v[i], positions)
-            x = self._finish_layer(i, x, o)
+            return self.torch_attention(qkv, cos, sin, self.k[i], self.v[i], positions) if o is None else o
+
+        out = self._layers(x, attend)
         self.positions = positions + 1
-        return self.head(self.norm(x)).float()
+        return self.head(out).float()

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from shared.engine import decoder as slot_decoder
 from shared.engine.fallback import StaticBatcher
+from shared.engine.native_layer_ops import NativeLayerOps
 from shared.engine.scheduler import ContinuousBatcher, Job
 from shared.engine.types import GenerationRequest, GenerationResult, PromptTooLong, TokenCallback
 from shared.registry import ModelRegistry
@@ -82,7 +83,7 @@ class GenerationEngine:
     def __init__(self, model, tokenizer, version: str, *, max_batch_size: int = 32,
                  overflow: Literal["truncate_left", "reject"] = "truncate_left", on_step=None,
                  shared_prefix: list[ChatMessage] | None = None, weights_id: str | None = None,
-                 native_attention: bool = True) -> None:
+                 native_kernels: bool = True) -> None:
         """`shared_prefix`: None, a prompt reuses the cache of what it shares with the previous prompt
         (one tenant: the generator's prompts come from its own ingest). Messages, only their rendering
         is ever reused (the gateway: its public default system prompt), so no request's time to first
@@ -101,20 +102,22 @@ class GenerationEngine:
         self.dtype = next(model.parameters()).dtype
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self._stop_ids = stop_token_ids(tokenizer, model)
-        self.native_attention = native_attention
-        """asked for: decode attention with attention.c where it can be built (`attention` says what runs)"""
+        self.native_kernels = native_kernels
+        """asked for: the C kernels (attention.c, layer_ops.c) where they can be built (`kernels` says what runs)"""
         if slot_decoder.supports(model):
             self.batching = "continuous"
             # built on the torch thread: packing weights elsewhere started a second OpenMP team, and
             # decode steps ran 46% longer (74 vs 51 ms at 32 rows, SmolLM2; shared/torch_thread.py)
             pinned = None if shared_prefix is None else self._pinned_ids(shared_prefix)
-            decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size, pinned, native_attention)
-            self.attention = "attention.c" if decoder.native_attention else "torch ops"
+            decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size, pinned, native_kernels)
+            native = [name for name, used in (("attention.c", decoder.native_attention is not None),
+                                              ("layer_ops.c", isinstance(decoder.layer_ops, NativeLayerOps))) if used]
+            self.kernels = ", ".join(native) or "torch ops"
             self._batcher = ContinuousBatcher(decoder, tokenizer, self._stop_ids,
                                               max_rows=max_batch_size, on_step=on_step)
         else:
             self.batching = "static"
-            self.attention = "the model's own"
+            self.kernels = "the model's own"
             self._batcher = StaticBatcher(model, tokenizer, self._stop_ids, max_rows=max_batch_size, on_step=on_step)
 
     @classmethod

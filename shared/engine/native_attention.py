@@ -1,87 +1,33 @@
-"""Decode attention read in place from the slot KV cache: attention.c, built when first needed.
+"""Decode attention read in place from the slot KV cache: attention.c (built by native_build.py).
 
 Torch's decode attention is a dozen ops a layer: the rotary embedding, two indexed cache writes,
 a copy of every layer's keys and values out of the cache before its bmm (oneDNN's bf16 bmm copies
 a strided operand), and every row computed over the longest row's positions, masked. SmolLM2 in
 bf16, 32 rows at about 190 positions, 2 cores: the 30 layers' attention took 43-45 ms a step that
 way and 10-12 ms with this kernel (benchmarks/generation.py measures the engine's decode rate with it).
-
-The kernel is compiled for this CPU (`-march=native`) into a temporary directory when a decoder
-first asks for it (about 0.3 s, once per process) and linked against the OpenMP runtime torch
-has loaded, so its threads are torch's own (a second runtime's team spinning beside torch's
-slowed decode steps by 46% before: decoder.py). Where it cannot be built (no C compiler, a
-compiler error), the decoder keeps torch's ops and says why in its log, once.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from shared.engine import native_build
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("attention.c")
 MAX_GROUP, MAX_HEAD_DIM = 16, 256
 """attention.c's limits (its per-item buffers)"""
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
-"""-ffast-math lets the reductions vectorize and expf use glibc's vector math; the object is
-linked without it, so gcc's crtfastmath (which would flush denormals for the whole process) is
-never linked in. Its finite-math assumption means a NaN or inf in a broken model's q, k or v gives
-meaningless numbers here where torch's ops would give NaN"""
 
 
-def _openmp_runtime() -> Path | None:
-    """The OpenMP runtime this process has loaded (torch's, after `import torch`), if any."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for fields in map(str.split, maps.splitlines()):
-        if len(fields) >= 6 and Path(fields[-1]).name.startswith(("libgomp", "libiomp5")):
-            return Path(fields[-1])
-    return None
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    compiler = shutil.which("gcc") or shutil.which("cc")  # gcc first: clang's OpenMP calls need its own runtime
-    if compiler is None:
-        log.warning("decode attention: no C compiler (gcc or cc) on PATH; using torch's ops")
-        return None
-    runtime = _openmp_runtime()
-    try:
-        library = _build(compiler, runtime)
-    except (OSError, subprocess.SubprocessError) as exc:  # OSError: no writable temporary directory, noexec
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("decode attention: building or loading %s failed (%s); using torch's ops", SOURCE.name,
-                    str(detail).strip()[:500])
-        return None
+def _function(library: ctypes.CDLL):
     function = library.prefloop_decode_attention
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
         [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    log.info("decode attention: built %s for this CPU%s", SOURCE.name,
-             f", threads from {runtime.name}" if runtime else ", one thread (no OpenMP runtime loaded)")
-    return library
-
-
-def _build(compiler: str, runtime: Path | None) -> ctypes.CDLL:
-    """Compile and load; `-z defs` makes a symbol the runtime lacks an error here, not at load."""
-    with tempfile.TemporaryDirectory(prefix="prefloop-attention-") as build:
-        obj, lib = Path(build, "attention.o"), Path(build, "attention.so")
-        openmp = ["-fopenmp"] if runtime else []
-        link = [str(runtime), f"-Wl,-rpath,{runtime.parent}"] if runtime else []
-        for command in ([compiler, *COMPILE_FLAGS, *openmp, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, "-shared", "-Wl,-z,defs", str(obj), "-o", str(lib), *link, "-lm"]):
-            subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-        return ctypes.CDLL(str(lib))  # stays mapped after the directory is removed
+    return function
 
 
 class DecodeAttention:
@@ -89,7 +35,7 @@ class DecodeAttention:
     into the cache, softmax(q K^T * scale) V over the row's own positions."""
 
     def __init__(self, library: ctypes.CDLL, kv_heads: int, group: int, head_dim: int, scale: float) -> None:
-        self._run = library.prefloop_decode_attention
+        self._run = _function(library)
         self.kv_heads, self.group, self.head_dim, self.scale = kv_heads, group, head_dim, scale
 
     def __call__(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -127,8 +73,8 @@ def decode_attention(dtype: torch.dtype, device: torch.device, kv_heads: int, gr
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
     if not (1 <= group <= MAX_GROUP and 2 <= head_dim <= MAX_HEAD_DIM and head_dim % 2 == 0):
-        log.info("decode attention: %d queries per kv head of %d dims is beyond %s; using torch's ops",
-                 group, head_dim, SOURCE.name)
+        log.info("decode attention: %d queries per kv head of %d dims is beyond attention.c; using torch's ops",
+                 group, head_dim)
         return None
-    library = _library()
+    library = native_build.library()
     return None if library is None else DecodeAttention(library, kv_heads, group, head_dim, scale)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from shared.engine import GenerationEngine, GenerationRequest
 from shared.engine import decoder as decoder_module
 from shared.engine.decoder import SlotDecoder, supports
+from shared.engine.native_layer_ops import NativeLayerOps, TorchLayerOps
 from shared.registry import ModelRegistry
 from shared.wire import ChatMessage, SamplingParams
 from tests.helpers import random_tiny_model, wait_for
@@ -61,8 +62,10 @@ def test_slot_decoder_matches_the_models_own_forward_across_joins_and_frees(fp32
     decoder = SlotDecoder(fp32, max_rows=2)
     assert decoder.torch_attention.contiguous_keys is False  # fp32: the strided bmm is as fast
     assert decoder.native_attention is not None  # this machine has a C compiler
-    if attention != "native":
+    assert isinstance(decoder.layer_ops, NativeLayerOps)  # the fused residual add + norm and silu * up
+    if attention != "native":  # torch's ops throughout
         decoder.native_attention = None
+        decoder.layer_ops = TorchLayerOps()
         decoder.torch_attention.contiguous_keys = attention == "copied-keys"
     prompts = [[5, 17, 33, 101, 7], [9, 8, 7], [40, 41, 42, 43, 44, 45, 46, 47]]
     rows = [list(p) for p in prompts]

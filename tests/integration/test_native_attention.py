@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.engine import native_attention
+from shared.engine import native_attention, native_build
+from shared.engine.native_layer_ops import TorchLayerOps, layer_ops
 from shared.engine.torch_attention import rotated
 
 
@@ -109,22 +110,24 @@ def test_shapes_it_does_not_take_and_other_devices_keep_torchs_ops():
 
 @pytest.fixture
 def fresh_build(monkeypatch):
-    native_attention._library.cache_clear()
+    native_build.library.cache_clear()
     yield
-    native_attention._library.cache_clear()
+    native_build.library.cache_clear()
 
 
 def test_no_compiler_means_torchs_ops_and_a_warning(fresh_build, monkeypatch, caplog):
-    monkeypatch.setattr(native_attention.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger=native_attention.__name__):
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger=native_build.__name__):
         assert native_attention.decode_attention(torch.bfloat16, torch.device("cpu"), 3, 3, 64, 0.125) is None
+        assert type(layer_ops(torch.bfloat16, torch.device("cpu"))) is TorchLayerOps
     assert "no C compiler" in caplog.text
 
 
 def test_a_compile_error_means_torchs_ops_and_the_compilers_message(fresh_build, monkeypatch, tmp_path, caplog):
-    broken = tmp_path / "attention.c"
-    broken.write_text("int prefloop_decode_attention(void) { return undeclared_name; }\n")
-    monkeypatch.setattr(native_attention, "SOURCE", broken)
-    with caplog.at_level(logging.WARNING, logger=native_attention.__name__):
+    broken = tmp_path / "layer_ops.c"
+    broken.write_text("void prefloop_silu_mul(void) { undeclared_name; }\n")
+    monkeypatch.setattr(native_build, "SOURCES", (native_build.SOURCES[0], broken))
+    with caplog.at_level(logging.WARNING, logger=native_build.__name__):
         assert native_attention.decode_attention(torch.bfloat16, torch.device("cpu"), 3, 3, 64, 0.125) is None
-    assert "building or loading attention.c failed" in caplog.text and "undeclared_name" in caplog.text
+        assert type(layer_ops(torch.bfloat16, torch.device("cpu"))) is TorchLayerOps
+    assert "building or loading attention.c, layer_ops.c failed" in caplog.text and "undeclared_name" in caplog.text

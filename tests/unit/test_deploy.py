@@ -35,7 +35,7 @@ def test_each_service_has_its_own_non_root_image_healthcheck_and_healthy_depende
     assert bool(gpu) == (name != "judge")
     # the torch services' images start with the malloc settings (no restart in `prefloop serve`)
     assert (f"GLIBC_TUNABLES={MALLOC_TUNABLES}\n" in text) == (name in TORCH_SERVICES)
-    # and a C compiler, to build the CPU decode attention (shared/engine/native_attention.py)
+    # and a C compiler, to build the CPU decode kernels (shared/engine/native_build.py)
     assert ("install -y --no-install-recommends gcc libc6-dev" in text) == (name in TORCH_SERVICES)
 
 

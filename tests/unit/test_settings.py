@@ -5,6 +5,7 @@ from services.gateway.settings import GatewaySettings
 from services.generator.settings import GeneratorSettings
 from services.judge.settings import JudgeSettings
 from services.trainer.settings import TrainerSettings
+from shared.settings import EngineSettings
 
 
 def test_each_service_reads_its_own_prefix_and_the_shared_kafka_prefix(monkeypatch):
@@ -70,3 +71,14 @@ def test_auto_trains_with_prefloops_loop_on_any_device_and_with_trl_for_qlora(mo
         assert DPOJobConfig().resolved_implementation() == "prefloop"
         assert DPOJobConfig(quantization="nf4").resolved_implementation() == "trl"
         assert DPOJobConfig(dpo_implementation="trl").resolved_implementation() == "trl"
+
+
+def test_the_native_kernels_switch_reads_its_old_name_too(monkeypatch):
+    """PREFLOOP_ENGINE_NATIVE_ATTENTION was its name before layer_ops.c: an operator's old setting still holds."""
+    assert EngineSettings().native_kernels is True
+    monkeypatch.setenv("PREFLOOP_ENGINE_NATIVE_KERNELS", "false")
+    assert EngineSettings().native_kernels is False
+    monkeypatch.delenv("PREFLOOP_ENGINE_NATIVE_KERNELS")
+    monkeypatch.setenv("PREFLOOP_ENGINE_NATIVE_ATTENTION", "false")
+    assert EngineSettings().native_kernels is False
+    assert GeneratorSettings().engine.native_kernels is False
