@@ -39,7 +39,8 @@ class EngineSettings(BaseSettings):
         "auto", description="inference dtype; auto: bf16 where the hardware computes it natively, else fp32")
     native_kernels: bool = Field(
         True, description="CPU decoding with the C kernels in shared/engine (attention.c: decode attention; "
-                          "layer_ops.c: residual add + RMS norm, silu(gate) * up), compiled on first use (needs a C "
+                          "layer_ops.c: residual add + RMS norm, silu(gate) * up; top_probs.c: the sampler's first "
+                          "window), compiled on first use (needs a C "
                           "compiler; without one, or when false, torch's ops)")
     native_attention: bool | None = Field(
         None, description="the old name of native_kernels, still read: when set, it is what native_kernels takes")

@@ -150,6 +150,8 @@ class SlotDecoder:
                                                  self.scaling) if native_kernels else None
         """decode attention read in place from the cache, each row over its own positions
         (native_attention.py); None, or where it returns None: torch_attention"""
+        self.native_kernels = native_kernels
+        """asked for: the C kernels where they run (the scheduler's sampler reads it too)"""
         self.layer_ops = layer_ops(self.dtype, self.device, native_kernels)
         """residual add + norm and silu(gate) * up: layer_ops.c's on CPU, else the modules' own"""
         self.torch_attention = TorchDecodeAttention(self.heads, self.kv_heads, self.head_dim, self.scaling,

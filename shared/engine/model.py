@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from shared.engine import decoder as slot_decoder
+from shared.engine import native_build
 from shared.engine.fallback import StaticBatcher
 from shared.engine.native_layer_ops import NativeLayerOps
 from shared.engine.scheduler import ContinuousBatcher, Job
@@ -103,15 +104,18 @@ class GenerationEngine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self._stop_ids = stop_token_ids(tokenizer, model)
         self.native_kernels = native_kernels
-        """asked for: the C kernels (attention.c, layer_ops.c) where they can be built (`kernels` says what runs)"""
+        """asked for: the C kernels (attention.c, layer_ops.c, top_probs.c) where they can be built (`kernels` says
+        what runs)"""
         if slot_decoder.supports(model):
             self.batching = "continuous"
             # built on the torch thread: packing weights elsewhere started a second OpenMP team, and
             # decode steps ran 46% longer (74 vs 51 ms at 32 rows, SmolLM2; shared/torch_thread.py)
             pinned = None if shared_prefix is None else self._pinned_ids(shared_prefix)
             decoder = on_torch_thread(slot_decoder.SlotDecoder, model, max_batch_size, pinned, native_kernels)
+            sampler = decoder.native_kernels and self.device.type == "cpu" and native_build.library() is not None
             native = [name for name, used in (("attention.c", decoder.native_attention is not None),
-                                              ("layer_ops.c", isinstance(decoder.layer_ops, NativeLayerOps))) if used]
+                                              ("layer_ops.c", isinstance(decoder.layer_ops, NativeLayerOps)),
+                                              ("top_probs.c", sampler)) if used]
             self.kernels = ", ".join(native) or "torch ops"
             self._batcher = ContinuousBatcher(decoder, tokenizer, self._stop_ids,
                                               max_rows=max_batch_size, on_step=on_step)

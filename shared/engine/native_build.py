@@ -1,7 +1,7 @@
-"""The engine's C kernels (attention.c, layer_ops.c), compiled for this CPU when first needed.
+"""The engine's C kernels (attention.c, layer_ops.c, top_probs.c), compiled for this CPU when first needed.
 
 Both sources are compiled (`-march=native`) into one shared library in a temporary directory the
-first time a CPU decoder asks for a kernel (about 0.5 s, once per process) and linked against the
+first time a CPU decoder asks for a kernel (about 1.4 s on 2 cores, once per process) and linked against the
 OpenMP runtime torch has loaded, so their threads are torch's own (a second runtime's team
 spinning beside torch's slowed decode steps by 46% before: decoder.py). Where the library cannot
 be built (no C compiler, a compiler error), `library()` returns None, the log says why once, and
@@ -20,7 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("attention.c"), Path(__file__).with_name("layer_ops.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("attention.c", "layer_ops.c", "top_probs.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
 """-ffast-math lets the reductions vectorize and expf use glibc's vector math; the objects are
 linked without it, so gcc's crtfastmath (which would flush denormals for the whole process) is

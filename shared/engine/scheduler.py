@@ -183,7 +183,8 @@ class ContinuousBatcher(QueueWorker):
                 continue
             rows = [_Row(job, j, row_sampling(job.request, j)) for j in range(n)]
             self._rows += rows
-            self._advance(rows, sample(logits.expand(n, -1), [r.sampling for r in rows]))
+            self._advance(rows, sample(logits.expand(n, -1).contiguous(), [r.sampling for r in rows],
+                                       native=self.decoder.native_kernels))
 
     def _step(self) -> None:
         started = time.monotonic()
@@ -193,7 +194,8 @@ class ContinuousBatcher(QueueWorker):
             return
         tokens = torch.tensor([r.ids[-1] for r in self._rows])
         logits = self.decoder.decode(tokens)
-        self._advance(list(self._rows), sample(logits, [r.sampling for r in self._rows]))
+        self._advance(list(self._rows), sample(logits, [r.sampling for r in self._rows],
+                                               native=self.decoder.native_kernels))
         self.on_step(len(tokens), time.monotonic() - started)
 
     def _advance(self, rows: list[_Row], tokens: list[int]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.engine import native_attention, native_build
+from shared.engine import native_attention, native_build, sampling
 from shared.engine.native_layer_ops import TorchLayerOps, layer_ops
 from shared.engine.torch_attention import rotated
 
@@ -111,8 +111,10 @@ def test_shapes_it_does_not_take_and_other_devices_keep_torchs_ops():
 @pytest.fixture
 def fresh_build(monkeypatch):
     native_build.library.cache_clear()
+    sampling._top_probs_function.cache_clear()
     yield
     native_build.library.cache_clear()
+    sampling._top_probs_function.cache_clear()
 
 
 def test_no_compiler_means_torchs_ops_and_a_warning(fresh_build, monkeypatch, caplog):
@@ -120,6 +122,7 @@ def test_no_compiler_means_torchs_ops_and_a_warning(fresh_build, monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger=native_build.__name__):
         assert native_attention.decode_attention(torch.bfloat16, torch.device("cpu"), 3, 3, 64, 0.125) is None
         assert type(layer_ops(torch.bfloat16, torch.device("cpu"))) is TorchLayerOps
+        assert sampling._top_probs(torch.randn(2, 100), torch.ones(2), 64) is None
     assert "no C compiler" in caplog.text
 
 
@@ -130,4 +133,5 @@ def test_a_compile_error_means_torchs_ops_and_the_compilers_message(fresh_build,
     with caplog.at_level(logging.WARNING, logger=native_build.__name__):
         assert native_attention.decode_attention(torch.bfloat16, torch.device("cpu"), 3, 3, 64, 0.125) is None
         assert type(layer_ops(torch.bfloat16, torch.device("cpu"))) is TorchLayerOps
+        assert sampling._top_probs(torch.randn(2, 100), torch.ones(2), 64) is None
     assert "building or loading attention.c, layer_ops.c failed" in caplog.text and "undeclared_name" in caplog.text
