@@ -55,7 +55,8 @@ def _top_probs_function():
     return function
 
 
-def _top_probs(logits: torch.Tensor, temperature: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _top_probs(logits: torch.Tensor, temperature: torch.Tensor,
+               window: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each row's `window` most likely tokens under softmax(logits / temperature), descending: top_probs.c's,
     or None where it does not run (not fp32 contiguous on CPU, no library)."""
     rows, vocab = logits.shape

@@ -26,7 +26,7 @@ typedef struct {
 /* a before b: larger value, then lower id */
 static inline int before(Entry a, Entry b) { return a.value > b.value || (a.value == b.value && a.id < b.id); }
 
-/* heap[0] is the entry every other comes before (the window's last); it is replaced by e and sifted down */
+/* heap[0] comes after every other entry (the window's smallest); it is replaced by e, which sifts down */
 static void replace_last(Entry *heap, int n, Entry e) {
     int i = 0;
     for (;;) {
