@@ -24,6 +24,20 @@ def test_the_window_equals_torchs_softmax_and_topk():
     assert bool((values[:, :-1] >= values[:, 1:]).all())
 
 
+def test_masked_logits_get_probability_zero_despite_fast_math():
+    """-ffast-math assumes no infinities; a logit of -inf (a masked token) must still weigh 0, as in torch."""
+    logits = torch.randn(3, 500) * 3
+    logits[0, 100:] = float("-inf")
+    logits[1, :] = float("-inf")
+    logits[1, 7] = 2.0  # one token left
+    temperature = torch.tensor([0.7, 1.0, 1.3])
+    values, ids = _top_probs(logits, temperature, 64)
+    want = (logits / temperature[:, None]).softmax(-1).topk(64, -1)
+    assert torch.allclose(values, want.values, rtol=1e-5, atol=1e-9)
+    assert ids[1, 0] == 7 and values[1, 0] == 1.0 and not values[1, 1:].any()
+    assert torch.equal(ids[0], want.indices[0]) and torch.equal(ids[2], want.indices[2])
+
+
 def test_what_it_does_not_take_is_declined():
     logits = torch.randn(4, 500)
     assert _top_probs(logits.double(), torch.ones(4), 64) is None
