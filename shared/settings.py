@@ -43,11 +43,11 @@ class EngineSettings(BaseSettings):
                           "window), compiled on first use (needs a C "
                           "compiler; without one, or when false, torch's ops)")
     native_attention: bool | None = Field(
-        None, description="the old name of native_kernels, still read: when set, it is what native_kernels takes")
+        None, description="the old name of native_kernels, still read where native_kernels is not set")
 
     @model_validator(mode="after")
     def _old_name(self) -> "EngineSettings":
-        if self.native_attention is not None:
+        if self.native_attention is not None and "native_kernels" not in self.model_fields_set:
             self.native_kernels = self.native_attention
         return self
 

@@ -16,6 +16,8 @@
 
 #include "bf16.h"
 
+#define EXP_ARG_MAX 88.f /* expf(88) is finite in fp32; expf(89) is not */
+
 /* One row: s = x (+ residual), written to sum when there is a residual; out = weight * (s * rsqrt(mean(s^2)
  * + eps)), as LlamaRMSNorm computes it (the normalized row rounded to the dtype before the weight). */
 static inline __attribute__((always_inline)) void norm_row(const void *x, const void *residual, void *sum,
@@ -56,7 +58,10 @@ void prefloop_add_rms_norm(const void *x, const void *residual, void *sum, const
     }
 }
 
-/* gate_up [rows, 2 * inter] (the gate's outputs, then up's) -> out [rows, inter] = silu(gate) * up. */
+/* gate_up [rows, 2 * inter] (the gate's outputs, then up's) -> out [rows, inter] = silu(gate) * up. Below a
+ * gate of -88 the exponent is held at 88 so that it stays finite: -ffast-math divides by a reciprocal
+ * estimate, which gives NaN for an infinite divisor where torch's division gives -0. Silu there is
+ * a / 1.7e38 or 0, where torch gives a * exp(a): all within 1e-36 of 0. */
 void prefloop_silu_mul(const void *gate_up, void *out, int rows, int inter, int bf16, int threads) {
     const size_t width = bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && (size_t)rows * inter >= 8192)
@@ -66,12 +71,12 @@ void prefloop_silu_mul(const void *gate_up, void *out, int rows, int inter, int 
         if (bf16)
             for (int i = 0; i < inter; i++) {
                 float a = load(g, i, 1);
-                store(o, i, round_bf16(a / (1.f + expf(-a))) * load(u, i, 1), 1);
+                store(o, i, round_bf16(a / (1.f + expf(-fmaxf(a, -EXP_ARG_MAX)))) * load(u, i, 1), 1);
             }
         else
             for (int i = 0; i < inter; i++) {
                 float a = load(g, i, 0);
-                store(o, i, a / (1.f + expf(-a)) * load(u, i, 0), 0);
+                store(o, i, a / (1.f + expf(-fmaxf(a, -EXP_ARG_MAX))) * load(u, i, 0), 0);
             }
     }
 }

@@ -4,9 +4,10 @@
  * Built by native_build.py; called by sampling.py, which keeps torch's path for a row whose top-k or
  * nucleus the window does not hold. Torch's way is four passes over [rows, vocab]: the division, the
  * softmax (max, exp and sum, normalize) and topk over the probabilities, each writing or reading a
- * 6 MB array at 32 rows of SmolLM2's 49k vocabulary. Here the division is the same fp32 division, so the
- * window holds the same tokens and probabilities equal to torch's but for the last bits of expf and
- * of the sum's order.
+ * 6 MB array at 32 rows of SmolLM2's 49k vocabulary. The window is ranked by the logits themselves, so it
+ * holds the tokens torch's topk picks (but for ties); its probabilities equal torch's to within float
+ * rounding: -ffast-math computes x / temperature - peak as a subtraction and a multiply by a reciprocal,
+ * and expf and the sum's order differ in their last bits (relative 2e-7 at temperature 1, 1e-5 at 0.003).
  *
  * logits [rows, vocab] fp32; temperature [rows] (> 0); out: values [rows, window] fp32 descending,
  * ids [rows, window] int64 (a tie: the lower id first). window <= MAX_WINDOW, window <= vocab. */
@@ -77,7 +78,7 @@ static void row(const float *logits, float temperature, int64_t vocab, int windo
         for (int64_t j = i; j < end; j++)
             if (logits[j] > heap[0].value) replace_last(heap, n, (Entry){logits[j], j});
     }
-    /* softmax(logits / temperature): the same fp32 division as torch's, so the same maximum */
+    /* softmax(logits / temperature), its maximum at the largest logit (temperature > 0) */
     const float peak = top / temperature;
     float sum = 0.f;
     for (int64_t j = 0; j < vocab; j++) sum += expf(logits[j] / temperature - peak);

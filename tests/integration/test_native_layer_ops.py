@@ -65,6 +65,18 @@ def test_silu_mul_equals_the_modules_own(native, dtype, rows, inter):
         assert int(apart.max()) <= 2 and float((apart > 0).float().mean()) < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_silu_of_a_very_negative_gate_is_zero_not_nan(native, dtype):
+    """exp(-gate) overflows below -88.7; -ffast-math's reciprocal of an infinite divisor would give NaN, and one
+    NaN in the MLP spreads through the row's hidden state and its cache."""
+    gate = torch.tensor([-1000.0, -120.0, -89.0, -88.0, -50.0, 0.0, 50.0, 120.0])
+    gate_up = torch.cat([gate, torch.ones(8)])[None].to(dtype)
+    with torch.inference_mode():
+        got, want = native.silu_mul(gate_up), TorchLayerOps().silu_mul(gate_up)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-30)
+
+
 class ScaledNorm(nn.Module):
     """Not the Llama family's RMSNorm (another formula): the kernel must not stand in for it."""
 

@@ -64,13 +64,19 @@ def test_sampling_through_it_keeps_exactly_each_rows_tokens():
 
 
 def test_seeded_draws_are_the_torch_paths_draws():
-    """The same probabilities but for their last bits, so the same uniform draws pick the same tokens."""
+    """The same probabilities but for their last bits, so the same uniform draws pick the same tokens: the
+    demo's sampling, a low temperature, and rows whose nucleus is wider than the window (torch's windows
+    after the native one) in the same batch."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(16, 49152, generator=g) * 4
+    logits[12:] *= 0.1  # flat: a top-p of 0.95 needs thousands of tokens
+    settings = [(0.7, 0.9, 50)] * 8 + [(0.05, 0.9, 0)] * 4 + [(1.0, 0.95, 0)] * 4
 
     def run(native: bool) -> list[list[int]]:
-        rows = [RowSampling(temperature=0.7, top_p=0.9, top_k=50, generator=torch.Generator().manual_seed(i))
-                for i in range(16)]
+        rows = [RowSampling(temperature=t, top_p=p, top_k=k, generator=torch.Generator().manual_seed(i))
+                for i, (t, p, k) in enumerate(settings)]
         return [sample(logits, rows, native=native) for _ in range(25)]
 
-    assert run(True) == run(False)
+    draws = run(True)
+    assert draws == run(False)
+    assert max(max(step[12:]) for step in draws) > 0 and len({step[12] for step in draws}) > 20  # flat rows vary

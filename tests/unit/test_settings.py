@@ -82,3 +82,5 @@ def test_the_native_kernels_switch_reads_its_old_name_too(monkeypatch):
     monkeypatch.setenv("PREFLOOP_ENGINE_NATIVE_ATTENTION", "false")
     assert EngineSettings().native_kernels is False
     assert GeneratorSettings().engine.native_kernels is False
+    monkeypatch.setenv("PREFLOOP_ENGINE_NATIVE_KERNELS", "true")  # the new name wins where both are set
+    assert EngineSettings().native_kernels is True
