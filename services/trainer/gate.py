@@ -7,7 +7,7 @@ and not worse elsewhere.
 - forgetting guards: perplexity on held-out medical question/answer pairs (`medical_qa.jsonl`,
   questions the loop never samples) and on general question/answer pairs rises at most
   `max_perplexity_increase`, both vs the parent and vs the base (rounds must not add up);
-- length guard: mean answer length drifts at most `max_length_drift`;
+- length guard: mean answer length drifts at most `max_length_drift`, vs the parent and vs the base;
 - reported, not gating: held-out preference accuracy, and a run whose reward accuracy is 1.0 from
   the start (seed 003's reward hacking) is flagged.
 
@@ -160,11 +160,16 @@ class Gate:
                     reasons.append(f"forgetting guard ({name}, vs {what}): held-out perplexity {delta:+.1%} "
                                    f"> {s.max_perplexity_increase:.0%} ({old:.3f} -> {ppl[name][0]:.3f})")
                     break
-        len_new, len_parent = vs_parent.mean_tokens.get(new, 0), vs_parent.mean_tokens.get(parent, 0)
-        length_change = (len_new / len_parent - 1) if len_parent else None
-        if length_change is not None and abs(length_change) > s.max_length_drift:
-            reasons.append(f"length guard: mean answer length changed {length_change:+.1%} "
-                           f"(> {s.max_length_drift:.0%})")
+        # length, like perplexity, vs the parent and vs the base: two rounds at -12% each are -23% in all
+        len_new = vs_parent.mean_tokens.get(new)
+        length = {what: len_new / old - 1 for what, old in (("parent", vs_parent.mean_tokens.get(parent, 0)),
+                                                             ("base", vs_base.mean_tokens.get(base, 0))) if old and len_new is not None}
+        length_change = length.get("parent")
+        for what, delta in length.items():
+            if abs(delta) > s.max_length_drift:
+                reasons.append(f"length guard (vs {what}): mean answer length changed {delta:+.1%} "
+                               f"(> {s.max_length_drift:.0%})")
+                break
         if accuracy and accuracy[0] < accuracy[1] - s.preference_accuracy_tolerance:
             flags.append(f"held-out preference accuracy fell: {accuracy[0]:.3f} < parent {accuracy[1]:.3f}")
         early = [h.get("rewards/accuracies") for h in history[: s.reward_hack_window]]

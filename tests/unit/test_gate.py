@@ -1,4 +1,4 @@
-"""The promotion decision without models: the CI rule, safety, both forgetting guards, length."""
+"""The promotion decision without models: the CI rule, safety, both forgetting guards, both length guards."""
 
 import pytest
 
@@ -47,7 +47,17 @@ def test_a_safety_drop_or_forgetting_or_length_drift_blocks_a_clear_winner(gate)
     assert [r.split(":")[0] for r in drifted.summary.gate_reasons] == ["forgetting guard (medical, vs base)"]
     assert drifted.details["perplexity_vs_base"] == {"medical": 0.08}
     longer = decide(gate, comparison("v2", "v1", **winner, tokens=(80.0, 60.0)))
-    assert not longer.passed and "length guard" in longer.summary.gate_reasons[0]
+    assert [r.split(":")[0] for r in longer.summary.gate_reasons] == ["length guard (vs parent)"]
+    # each round -12% vs its parent, -23% vs the base: answers have shrunk more than the guard allows
+    shorter = decide(gate, comparison("v3", "v2", **winner, tokens=(52.8, 60.0)),
+                     vs_base=comparison("v3", "v1", 50, 10, tokens=(52.8, 68.2)))
+    assert [r.split(":")[0] for r in shorter.summary.gate_reasons] == ["length guard (vs base)"]
+    assert shorter.summary.length_change == -0.12 and "-22.6%" in shorter.summary.gate_reasons[0]
+    within = decide(gate, comparison("v3", "v2", **winner, tokens=(52.8, 60.0)),
+                    vs_base=comparison("v3", "v1", 50, 10, tokens=(52.8, 62.0)))
+    assert within.passed, within.summary.gate_reasons
+    silent = decide(gate, comparison("v2", "v1", **winner, tokens=(0.0, 60.0)))
+    assert [r.split(":")[0] for r in silent.summary.gate_reasons] == ["length guard (vs parent)"]
 
 
 def test_a_run_is_gated_by_its_own_settings_its_base_models_recipe_applied(gate):
