@@ -246,15 +246,17 @@ class SlotDecoder:
         return last if slot != last else None
 
     # -- forward passes -----------------------------------------------------------
-    def _layers(self, x: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, attend, last_only: bool = False) -> torch.Tensor:
         """Every layer over x [rows, hidden]; attend(i, qkv) gives layer i's attention output [rows, heads * d]
-        from its q, k and v projections side by side (not yet rotated). Returns the final norm's output.
-        Each residual add is done by the norm that follows it."""
+        from its q, k and v projections side by side (not yet rotated). Returns the final norm's output, of
+        the last row only where `last_only` (a prompt's). Each residual add is done by the norm that follows it."""
         ops, pending = self.layer_ops, None
         for i, part in enumerate(self.projections):
             h, x = ops.norm(part.layer.input_layernorm, x, pending)
             h, x = ops.norm(part.layer.post_attention_layernorm, x, part.o(attend(i, part.qkv(h))))
             pending = part.down(ops.silu_mul(part.gate_up(h)))
+        if last_only:
+            x, pending = x[-1:], pending[-1:]
         return ops.norm(self.norm, x, pending)[0]
 
     def _shared_prefix(self, ids: list[int]) -> int:
@@ -304,7 +306,7 @@ class SlotDecoder:
                                                is_causal=mask is None, scale=self.scaling, enable_gqa=True)
             return o[0].transpose(0, 1).reshape(n - shared, -1)
 
-        last = self._layers(x, attend)[-1:]
+        last = self._layers(x, attend, last_only=True)
         if self.pinned_prefix is None:
             self._prefix = (list(ids), keys, values)
         elif self._prefix is None and self._begins_with_pinned(ids):

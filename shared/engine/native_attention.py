@@ -22,20 +22,17 @@ MAX_GROUP, MAX_HEAD_DIM = 16, 256
 """attention.c's limits (its per-item buffers)"""
 
 
-def _function(library: ctypes.CDLL):
-    function = library.prefloop_decode_attention
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + \
-        [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    return function
+SIGNATURE = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + \
+    [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+"""prefloop_decode_attention's arguments (attention.c)"""
 
 
 class DecodeAttention:
     """One layer's decode attention for every active row: rotary embedding, the new key and value
     into the cache, softmax(q K^T * scale) V over the row's own positions."""
 
-    def __init__(self, library: ctypes.CDLL, kv_heads: int, group: int, head_dim: int, scale: float) -> None:
-        self._run = _function(library)
+    def __init__(self, kernel, kv_heads: int, group: int, head_dim: int, scale: float) -> None:
+        self._run = kernel
         self.kv_heads, self.group, self.head_dim, self.scale = kv_heads, group, head_dim, scale
 
     def __call__(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -76,5 +73,5 @@ def decode_attention(dtype: torch.dtype, device: torch.device, kv_heads: int, gr
         log.info("decode attention: %d queries per kv head of %d dims is beyond attention.c; using torch's ops",
                  group, head_dim)
         return None
-    library = native_build.library()
-    return None if library is None else DecodeAttention(library, kv_heads, group, head_dim, scale)
+    kernel = native_build.function("prefloop_decode_attention", ctypes.c_int, SIGNATURE)
+    return None if kernel is None else DecodeAttention(kernel, kv_heads, group, head_dim, scale)

@@ -1,6 +1,6 @@
 """The engine's C kernels (attention.c, layer_ops.c, top_probs.c), compiled for this CPU when first needed.
 
-Both sources are compiled (`-march=native`) into one shared library in a temporary directory the
+The sources are compiled (`-march=native`) into one shared library in a temporary directory the
 first time a CPU decoder asks for a kernel (about 1.4 s on 2 cores, once per process) and linked against the
 OpenMP runtime torch has loaded, so their threads are torch's own (a second runtime's team
 spinning beside torch's slowed decode steps by 46% before: decoder.py). Where the library cannot
@@ -59,6 +59,17 @@ def library() -> ctypes.CDLL | None:
     log.info("native kernels: built %s for this CPU%s", names,
              f", threads from {runtime.name}" if runtime else ", one thread (no OpenMP runtime loaded)")
     return built
+
+
+def function(name: str, restype, argtypes: list):
+    """The kernel `name` with its C signature set, or None where the library cannot be built. Not cached
+    beyond `library()`: ctypes keeps one function object per name, and setting its signature again is cheap."""
+    built = library()
+    if built is None:
+        return None
+    kernel = getattr(built, name)
+    kernel.restype, kernel.argtypes = restype, argtypes
+    return kernel
 
 
 def _build(compiler: str, runtime: Path | None) -> ctypes.CDLL:

@@ -42,14 +42,8 @@ class TorchLayerOps:
 class NativeLayerOps(TorchLayerOps):
     """layer_ops.c for the tensors it takes (contiguous 2-D, fp32 or bf16 on CPU); torch's ops for the rest."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, integer = ctypes.c_void_p, ctypes.c_int
-        self._norm = library.prefloop_add_rms_norm
-        self._norm.restype = None
-        self._norm.argtypes = [pointer] * 5 + [integer] * 2 + [ctypes.c_float] + [integer] * 2
-        self._silu_mul = library.prefloop_silu_mul
-        self._silu_mul.restype = None
-        self._silu_mul.argtypes = [pointer] * 2 + [integer] * 4
+    def __init__(self, norm, silu_mul) -> None:
+        self._norm, self._silu_mul = norm, silu_mul
 
     def norm(self, module, x, add=None):
         weight = getattr(module, "weight", None)
@@ -85,7 +79,10 @@ def _takes(t: torch.Tensor, dims: int) -> bool:
 def layer_ops(dtype: torch.dtype, device: torch.device, native: bool = True) -> TorchLayerOps:
     """layer_ops.c's for a CPU decoder in fp32 or bf16 where it can be built (and `native`), else torch's."""
     if native and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        library = native_build.library()
-        if library is not None:
-            return NativeLayerOps(library)
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        norm = native_build.function("prefloop_add_rms_norm", None,
+                                     [pointer] * 5 + [integer] * 2 + [ctypes.c_float] + [integer] * 2)
+        silu_mul = native_build.function("prefloop_silu_mul", None, [pointer] * 2 + [integer] * 4)
+        if norm is not None and silu_mul is not None:
+            return NativeLayerOps(norm, silu_mul)
     return TorchLayerOps()

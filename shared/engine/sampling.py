@@ -19,7 +19,6 @@ no measurable speed, so the behaviour the demo was validated with stays.
 from __future__ import annotations
 
 import ctypes
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,16 +42,9 @@ class RowSampling:
     """a seeded request's own generator (one per sampled sequence); None: the engine's"""
 
 
-@functools.cache
-def _top_probs_function():
-    library = native_build.library()
-    if library is None:
-        return None
-    function = library.prefloop_top_probs
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int] + \
-        [ctypes.c_void_p] * 2 + [ctypes.c_int]
-    return function
+TOP_PROBS_SIGNATURE = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 2 + \
+    [ctypes.c_int]
+"""prefloop_top_probs's arguments (top_probs.c)"""
 
 
 def _top_probs(logits: torch.Tensor, temperature: torch.Tensor,
@@ -63,7 +55,7 @@ def _top_probs(logits: torch.Tensor, temperature: torch.Tensor,
     if not (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
             and 0 < window <= vocab):
         return None
-    function = _top_probs_function()
+    function = native_build.function("prefloop_top_probs", ctypes.c_int, TOP_PROBS_SIGNATURE)
     if function is None:
         return None
     temperature = temperature.to(torch.float32).contiguous()

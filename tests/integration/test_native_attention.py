@@ -111,10 +111,8 @@ def test_shapes_it_does_not_take_and_other_devices_keep_torchs_ops():
 @pytest.fixture
 def fresh_build(monkeypatch):
     native_build.library.cache_clear()
-    sampling._top_probs_function.cache_clear()
     yield
     native_build.library.cache_clear()
-    sampling._top_probs_function.cache_clear()
 
 
 def test_no_compiler_means_torchs_ops_and_a_warning(fresh_build, monkeypatch, caplog):
