@@ -59,14 +59,16 @@ def run_pairs(state: Path, index: int, runs: list[dict], seed: int) -> tuple[lis
     # still new when the run started stays out of it, trained now or left waiting by `max_pairs_per_run`.
     used = {i for r in runs[:index] if r["status"] in ("promoted", "rejected")
             for i in r["new_pair_ids"] + r.get("stale_pair_ids", [])}
-    older = [e for e in events if e.id in used and e.split == "train"]
+    older = sorted((e for e in events if e.id in used and e.split == "train"), key=lambda e: e.id)
     # the trainer seeds its replay sample with the number of runs recorded, this one included
     rng = random.Random(f"{seed}-{index + 1}")
     replay = rng.sample(older, run["pairs_replay"]) if run["pairs_replay"] else []
     if {e.id for e in replay} | new != trained:  # other settings (stale_versions, ...): fall back to the set
         replay = [by_id[i] for i in sorted(trained - new)]
         print("note: replay order not reproduced (the snapshot's set is used, in id order)", flush=True)
-    return [by_id[i] for i in new_ids if i in trained] + replay, run
+    # in pair-id order, as the trainer's (since 2026-12-05; runs before it trained in arrival order and drew
+    # the replay from the ledger's order: for those this rebuilds the set, not the order)
+    return sorted([by_id[i] for i in new_ids if i in trained] + replay, key=lambda e: e.id), run
 
 
 def rebuild_run(state: Path, run_no: int, work_root: Path) -> tuple[DPOJobConfig, list, dict, ModelRegistry, Path]:

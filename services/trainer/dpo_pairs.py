@@ -64,9 +64,15 @@ def row_length(e: Encoded) -> int:
     return len(e.chosen) + len(e.rejected) - e.prompt_len
 
 
+def by_length(e: Encoded) -> tuple[int, str]:
+    """A sort key: row length, then pair id, so equal lengths do not keep the order the pairs came in
+    (which timing decides: a seeded run must repeat itself)."""
+    return row_length(e), e.pair_id
+
+
 def length_grouped(items: list[Encoded], batch: int, seed: int) -> list[list[Encoded]]:
     """Batches of similar length in a shuffled order (the order of batches is random, not their content)."""
-    ordered = sorted(items, key=row_length)
+    ordered = sorted(items, key=by_length)
     batches = [ordered[i:i + batch] for i in range(0, len(ordered), batch)]
     random.Random(seed).shuffle(batches)
     return batches

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from services.trainer.drift_budget import DriftBudget, MonitorReadings
-from services.trainer.dpo_pairs import Encoded, encode, length_grouped, row_length
+from services.trainer.dpo_pairs import Encoded, by_length, encode, length_grouped
 from services.trainer.dpo_schedule import cosine_with_warmup, steps_to_run
 from services.trainer.reference_cache import ReferenceCache
 from shared.evaluation import SHARED_PREFIX_MIN
@@ -239,7 +239,7 @@ def reference_logps(model, data: list[Encoded], pad: int, autocast: bool, parent
     """The reference's log-probs of both sides of every pair: from the cache, or computed by the
     model `load_reference()` returns, else by `model` with its adapters off (the parent)."""
     known = cache.get(parent, [e.pair_id for e in data]) if cache else {}
-    missing = sorted((e for e in data if e.pair_id not in known), key=row_length)
+    missing = sorted((e for e in data if e.pair_id not in known), key=by_length)
     started = time.monotonic()
     model.eval()
     scorer = load_reference().eval() if load_reference and missing else model

@@ -72,7 +72,9 @@ class Selection(BaseModel):
 
     @property
     def train(self) -> list[PreferenceEvent]:
-        return self.new + self.replay
+        """In pair-id order: the ledger's order is the order pairs arrived in, which timing decides, and the
+        DPO's batches must not depend on it (a seeded run repeats itself)."""
+        return sorted(self.new + self.replay, key=lambda e: e.id)
 
 
 class TrainingRunner:
@@ -205,7 +207,9 @@ class TrainingRunner:
         new = [events[i] for i in new_ids if i in events and events[i].split == "train"]
         stale = [e.id for e in new if not fresh_enough(e)]
         new = [e for e in new if fresh_enough(e)][-self.settings.max_pairs_per_run:]  # the newest; the rest wait
-        older = [e for i, e in events.items() if e.split == "train" and i not in set(new_ids) and fresh_enough(e)]
+        new_set = set(new_ids)
+        older = sorted((e for i, e in events.items() if e.split == "train" and i not in new_set and fresh_enough(e)),
+                       key=lambda e: e.id)  # as `train`: the seeded sample must not depend on arrival order
         rng = random.Random(f"{self.settings.seed}-{len(self.runs())}")
         replay = rng.sample(older, min(len(older), int(len(new) * self.settings.replay_fraction)))
         return Selection(new=new, replay=replay, stale_ids=stale,

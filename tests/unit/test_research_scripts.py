@@ -5,6 +5,7 @@ variants and rubric tallies."""
 from __future__ import annotations
 
 import math
+import random
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.trainer.dpo import DPOJobConfig
+from services.trainer.dpo_pairs import Encoded, length_grouped
 from services.trainer.ledger import PreferenceLedger
 from services.trainer.runner import TrainingRunner
 from services.trainer.settings import TrainerSettings
@@ -72,6 +74,36 @@ def test_a_rebuilt_run_trains_the_trainers_pairs_in_the_trainers_order(tmp_path,
         assert [e.id for e in rebuilt] == ids  # the same pairs, in the same order
     assert any(runs[i]["pairs_replay"] for i in (1, 2))  # later rounds replayed older pairs
     assert "not reproduced" not in capsys.readouterr().out
+
+
+def test_a_seeded_run_trains_the_same_batches_whatever_order_its_pairs_arrived_in(tmp_path):
+    """The ledger keeps the order pairs arrived in, which timing decides: two demos with one seed judged the
+    same 43 pairs into different orders and trained different models. The selection, its replay draw and
+    the DPO's batches go by pair id."""
+    trained, ledgers = [], []
+    for name, shuffle in (("a", 1), ("b", 2)):
+        ledger = PreferenceLedger(tmp_path / name / "ledger")
+        settings = TrainerSettings(runs_dir=str(tmp_path / name / "runs"), ledger_dir=str(tmp_path / name / "ledger"),
+                                   replay_fraction=0.5)
+        metrics = new_registry()
+        runner = TrainingRunner(settings, ledger, ModelRegistry(tmp_path / name / "registry"),
+                                Outbox(tmp_path / name / "outbox.sqlite", [MODEL_UPDATES], metrics, "mu"),
+                                MODEL_UPDATES, metrics)
+        rounds = []
+        for round_no, (start, count) in enumerate([(0, 24), (24, 20)], 1):
+            arrived = pairs(start, count)
+            random.Random(shuffle).shuffle(arrived)
+            ledger.append(arrived)
+            rounds.append(selected_round(runner, ledger, f"r{round_no}", f"v000{round_no}"))
+        trained.append(rounds)
+        ledgers.append(ledger.ids)
+    assert ledgers[0] != ledgers[1] and sorted(ledgers[0]) == sorted(ledgers[1])
+    assert trained[0] == trained[1] and len(trained[0][1]) == 20 + 10  # round 2 replays 10 of round 1's
+    # equal lengths batch by pair id, not by the order they came in
+    rows = [Encoded(f"p{i:02d}", [1] * (3 + i % 2), [2] * 3, 1) for i in range(12)]
+    batches = [[e.pair_id for e in b] for b in length_grouped(rows, 4, seed=7)]
+    assert [[e.pair_id for e in b] for b in length_grouped(rows[::-1], 4, seed=7)] == batches
+    assert sorted(sum(batches, [])) == [e.pair_id for e in rows]
 
 
 def test_a_variant_overrides_dpo_settings_as_json_and_refuses_unknown_ones():
