@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,8 +96,8 @@ def user_pick(a: str, b: str) -> int | None:
 
 def draw_env(service: str, seed: int) -> dict[str, str]:
     """A service's settings for the demo's draw `seed`. Every draw in the loop is seeded (the candidates,
-    DPO's initialisation and batch order, the replay sample, the gate's answers), so a demo repeats the
-    same draw run after run; another seed draws all of them afresh, to measure the recipe rather than
+    DPO's initialisation and batch order, the replay sample, the gate's answers, the users' answers), so a demo
+    repeats the same draw run after run; another seed draws all of them afresh, to measure the recipe rather than
     one draw. Seed 0 is the services' defaults."""
     if not seed:
         return {}
@@ -109,7 +110,7 @@ def draw_env(service: str, seed: int) -> dict[str, str]:
 class Demo:
     def __init__(self, out: Path, rounds: int, prompts: int | None, say, model: str = "smollm2",
                  seed: int = 0) -> None:
-        self.out, self.rounds, self.say = out, rounds, say
+        self.out, self.rounds, self.say, self.seed = out, rounds, say, seed
         self.plan = PLANS.get(model, PLANS["smollm2"])
         self.per_round = prompts or self.plan.prompts
         self.stack = Stack(out / "state", model=model, generator_env=draw_env("GENERATOR", seed), trainer_env={
@@ -203,17 +204,22 @@ class Demo:
         questions = [e.messages[-1].content for e in self.train_prompts[::-1]]  # from the far end: not this round's
         start = (round_no - 1) * (plan.picks + plan.ratings)
 
+        def seed(kind: str, q: str) -> int:
+            """Each request seeded by the draw and the question: unseeded, the gateway's answers would follow the
+            order 8 concurrent users happen to reach it in, and so would the pairs their feedback makes."""
+            return zlib.crc32(f"{self.seed}/{round_no}/{kind}/{q}".encode())
+
         def pick(q: str) -> bool:
             # the gateway's default temperature (0.7), like a chat client that sets none
             out = client.chat.completions.create(model="prefloop", messages=[{"role": "user", "content": q}], n=2,
-                                                 max_tokens=plan.max_new_tokens)
+                                                 max_tokens=plan.max_new_tokens, seed=seed("pick", q))
             choice = user_pick(out.choices[0].message.content, out.choices[1].message.content)
             return choice is not None and feedback.post("/v1/feedback", json={
                 "response_id": out.id, "preferred_index": choice}).status_code == 202
 
         def rate(q: str) -> bool:
             out = client.chat.completions.create(model="prefloop", messages=[{"role": "user", "content": q}],
-                                                 max_tokens=plan.max_new_tokens)
+                                                 max_tokens=plan.max_new_tokens, seed=seed("rate", q))
             text = out.choices[0].message.content
             return bool(text.strip()) and feedback.post("/v1/feedback", json={
                 "response_id": out.id, "choice_index": 0,
